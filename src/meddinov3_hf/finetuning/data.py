@@ -1,0 +1,219 @@
+"""Torch datasets over the cached axial-slice dataset, for fine-tuning with `transformers.Trainer`.
+
+- `TrainSliceDataset`: an "epoch" is a fixed number of random patches (nnU-Net: 250 iterations). Sample `i`
+  of epoch `e` (slice choice, foreground oversampling, augmentation) depends only on `(seed, e, i)`, so a run
+  resumed from a checkpoint sees exactly the patches an uninterrupted run would, whatever the workers.
+- `EpochSampler`: yields `e * n + i`; the Trainer tells it the epoch through `set_epoch`.
+- `EvalSliceDataset`: deterministic centre crops of validation slices at the working spacing.
+- `working_spacing`: the "896 rule" (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..data.augment import SegmentationEvalTransform, SegmentationTrainTransform, sample_generator
+
+__all__ = [
+    "EpochSampler",
+    "EvalSliceDataset",
+    "TrainSliceDataset",
+    "collate_segmentation",
+    "select_cases",
+    "working_spacing",
+]
+
+# Probabilities of the nnU-Net 2-D augmentations; all zero with `augment=False` (random crops only).
+_NO_AUGMENTATION = dict(
+    p_rotation=0.0,
+    p_scale=0.0,
+    p_noise=0.0,
+    p_blur=0.0,
+    p_brightness=0.0,
+    p_contrast=0.0,
+    p_lowres=0.0,
+    p_gamma=0.0,
+    p_gamma_inverted=0.0,
+    p_mirror=0.0,
+)
+
+
+def select_cases(slices: datasets.Dataset, case_ids: Sequence[str]) -> datasets.Dataset:
+    """Rows of `slices` whose case is in `case_ids` (one cached build serves every fold)."""
+    wanted = set(case_ids)
+    missing = wanted - set(slices.unique("case_id"))
+    if missing:
+        raise KeyError(f"cases {sorted(missing)[:10]} are not in the slice dataset")
+    rows = [i for i, c in enumerate(slices["case_id"]) if c in wanted]
+    return slices.select(rows)
+
+
+def _case_geometry(slices: datasets.Dataset) -> list[tuple[int, int, float, float]]:
+    """(height, width, sy, sx) per case, from its first row (all slices of a case share them)."""
+    first: dict[str, int] = {}
+    for row, case in enumerate(slices["case_id"]):
+        first.setdefault(case, row)
+    table = slices.select(list(first.values())).select_columns(["height", "width", "spacing"])
+    return [
+        (int(r["height"]), int(r["width"]), float(r["spacing"][1]), float(r["spacing"][2])) for r in table
+    ]
+
+
+def working_spacing(
+    slices: datasets.Dataset, patch_size: int, reference_patch_cap: int = 512
+) -> tuple[float, float]:
+    """The "896 rule": (row, col) spacing = median spacing × min(median shape, cap) / patch_size per axis.
+
+    The median in-plane shape stands for the 2-D patch nnU-Net would plan (the whole slice, capped), so the
+    field of view that patch covered is now sampled with `patch_size` pixels (0.78 mm at 512 → 0.45 mm)."""
+    geometry = np.asarray(_case_geometry(slices), dtype=np.float64)
+    if not len(geometry):
+        raise ValueError("cannot derive a working spacing from an empty slice dataset")
+    shape = np.minimum(np.median(geometry[:, :2], axis=0), reference_patch_cap)
+    spacing = np.median(geometry[:, 2:], axis=0)
+    return float(spacing[0] * shape[0] / patch_size), float(spacing[1] * shape[1] / patch_size)
+
+
+class TrainSliceDataset(Dataset):
+    """Random training patches. Index `e * len(self) + i` (see `EpochSampler`) is sample `i` of epoch `e`.
+
+    With probability `oversample_foreground` a sample picks a foreground class uniformly, a slice containing
+    it uniformly, and a patch centred on a random voxel of that class (nnU-Net's oversampling); otherwise a
+    uniformly random slice and patch location."""
+
+    def __init__(
+        self,
+        slices: datasets.Dataset,
+        samples_per_epoch: int,
+        patch_size: int,
+        target_spacing: float | None,
+        seed: int = 0,
+        oversample_foreground: float = 0.33,
+        augment: bool = True,
+    ):
+        if len(slices) == 0:
+            raise ValueError("the training slice dataset is empty")
+        self.slices = slices
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.seed = int(seed)
+        self.oversample_foreground = float(oversample_foreground)
+        extra = {} if augment else _NO_AUGMENTATION
+        # Two transforms so that the oversampling decision is made once, here, not again in the transform.
+        self.foreground_transform = SegmentationTrainTransform(
+            patch_size, target_spacing, oversample_foreground=1.0, **extra
+        )
+        self.random_transform = SegmentationTrainTransform(
+            patch_size, target_spacing, oversample_foreground=0.0, **extra
+        )
+        by_class: dict[int, list[int]] = {}
+        for row, classes in enumerate(slices["classes"]):
+            for c in classes:
+                by_class.setdefault(int(c), []).append(row)
+        self.class_ids = sorted(by_class)
+        self.rows_by_class = {c: np.asarray(rows, dtype=np.int64) for c, rows in by_class.items()}
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(int(index), self.samples_per_epoch)
+        g = sample_generator(self.seed, epoch, position)
+        if self.class_ids and float(torch.rand((), generator=g)) < self.oversample_foreground:
+            c = self.class_ids[int(torch.randint(len(self.class_ids), (), generator=g))]
+            rows = self.rows_by_class[c]
+            row = int(rows[int(torch.randint(len(rows), (), generator=g))])
+            pixel_values, labels = self._transform(self.foreground_transform, row, g, classes=[c])
+        else:
+            row = int(torch.randint(len(self.slices), (), generator=g))
+            pixel_values, labels = self._transform(self.random_transform, row, g)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    def _transform(
+        self,
+        transform: SegmentationTrainTransform,
+        row: int,
+        g: torch.Generator,
+        classes: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        example = dict(self.slices[row])
+        if classes is not None:
+            example["classes"] = classes  # forces the class the patch is centred on
+        return transform.transform_example(example, generator=g)
+
+
+class EpochSampler(Sampler[int]):
+    """In-order indices `epoch * n + i`, i < n: the dataset derives each sample from (seed, epoch, i).
+
+    In-order is enough because the samples themselves are random; it also makes resuming a pure skip."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = int(num_samples)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.num_samples
+        return iter(range(offset, offset + self.num_samples))
+
+
+class EvalSliceDataset(Dataset):
+    """Validation slices, resampled to the working spacing and centre cropped/padded to the patch.
+
+    `max_slices` keeps an evenly spaced subset (deterministic) so that evaluation stays cheap."""
+
+    def __init__(
+        self,
+        slices: datasets.Dataset,
+        patch_size: int,
+        target_spacing: float | None,
+        max_slices: int | None = None,
+    ):
+        rows = np.arange(len(slices))
+        if max_slices is not None and len(rows) > max_slices:
+            rows = np.unique(np.linspace(0, len(rows) - 1, max_slices).round().astype(np.int64))
+        self.slices = slices
+        self.rows = rows
+        self.transform = SegmentationEvalTransform(patch_size, target_spacing)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixel_values, labels = self.transform.transform_example(self.slices[int(self.rows[index])])
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack `pixel_values` (B, 1, P, P) float32 and `labels` (B, P, P) int64."""
+    return {
+        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+        "labels": torch.stack([b["labels"] for b in batch]).long(),
+    }
+
+
+def samples_per_epoch(
+    iterations_per_epoch: int, per_device_batch_size: int, world_size: int, accumulation: int
+) -> int:
+    """Samples one epoch holds so that each process makes `iterations_per_epoch` optimizer steps."""
+    return max(1, iterations_per_epoch) * per_device_batch_size * max(1, world_size) * max(1, accumulation)
+
+
+def isotropic(spacing: Sequence[float]) -> float:
+    """The training transform samples isotropically in-plane; use the coarser axis so that the reference
+    field of view still fits the patch on both axes (both axes are equal for almost every CT dataset)."""
+    values = [float(s) for s in spacing]
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"spacing must be positive, got {values}")
+    return max(values)

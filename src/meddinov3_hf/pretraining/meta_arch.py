@@ -1,0 +1,189 @@
+"""Student / EMA teacher / Gram teacher and the loss of one pretraining step (SPEC §5, §7).
+
+Only `SelfDistillationMetaArch.student` (backbone + DINO head + iBOT head) is trained and handed to
+`accelerator.prepare`; its single `forward` runs every student crop so that DDP sees one forward per
+backward. The teacher is an EMA copy updated from the (unwrapped) student parameters; the Gram teacher is a
+frozen backbone. Both run in eval mode (no drop path, no RoPE augmentation) under `torch.no_grad`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meddinov3_hf.modeling_meddinov3 import MedDINOv3Model
+
+from .config import HeadsConfig, LossConfig
+from .heads import DINOHead
+from .losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_features, sinkhorn_knopp
+
+__all__ = ["SSLBranch", "SelfDistillationMetaArch", "StepInputs"]
+
+
+def _num_prefix(backbone: MedDINOv3Model) -> int:
+    return 1 + backbone.config.num_register_tokens
+
+
+class SSLBranch(nn.Module):
+    """Backbone + DINO head (CLS) + iBOT head (patch tokens). The student's forward runs all its crops."""
+
+    def __init__(self, backbone: MedDINOv3Model, heads: HeadsConfig):
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.config.hidden_size
+        kwargs = dict(
+            out_dim=heads.out_dim, hidden_dim=heads.hidden_dim, bottleneck_dim=heads.bottleneck_dim,
+            nlayers=heads.nlayers,
+        )
+        self.dino_head = DINOHead(dim, **kwargs)
+        self.ibot_head = DINOHead(dim, **kwargs)
+
+    def encode(self, pixel_values: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed tokens (B, 1 + R + N, D)."""
+        return self.backbone(pixel_values, bool_masked_pos=masks).last_hidden_state
+
+    def forward(
+        self, global_crops: torch.Tensor, masks: torch.Tensor, local_crops: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """global_crops (G·B, C, g, g) crop-major, masks (G·B, N) bool, local_crops (L·B, C, l, l) or None.
+
+        Returns cls (G·B, D) of the masked global forward, patches (G·B, N, D), dino_logits
+        ((G + L)·B, K) global crops first, ibot_logits (masked patches, K) in `masks.nonzero()` order."""
+        prefix = _num_prefix(self.backbone)
+        tokens = self.encode(global_crops, masks)  # masks always passed: keeps mask_token in the graph
+        cls, patches = tokens[:, 0], tokens[:, prefix:]
+        cls_all = cls
+        if local_crops is not None and local_crops.shape[0] > 0:
+            # One forward for all local crops (same size): the batching the issue asks for.
+            cls_all = torch.cat([cls, self.encode(local_crops)[:, 0]])
+        return {
+            "cls": cls,
+            "patches": patches,
+            "dino_logits": self.dino_head(cls_all),
+            # An empty selection still links the head's weights to the graph (zero grads, DDP-safe).
+            "ibot_logits": self.ibot_head(patches[masks]),
+        }
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch on device. global_crops (G, B, C, g, g); local_crops (L, B, C, l, l);
+    gram_crops (G, B, C, s, s) or None; masks (G·B, N) bool."""
+
+    global_crops: torch.Tensor
+    local_crops: torch.Tensor
+    masks: torch.Tensor
+    gram_crops: torch.Tensor | None = None
+
+
+class SelfDistillationMetaArch(nn.Module):
+    """Holds student, teacher and Gram teacher; computes the four losses of SPEC §7 for one micro-batch."""
+
+    def __init__(
+        self,
+        backbone: MedDINOv3Model,
+        heads: HeadsConfig,
+        loss: LossConfig,
+        gram_backbone: MedDINOv3Model | None = None,
+    ):
+        super().__init__()
+        self.student = SSLBranch(backbone, heads)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False).eval()
+        self.gram_teacher = gram_backbone
+        if gram_backbone is not None:
+            gram_backbone.requires_grad_(False).eval()
+        self.loss_cfg = loss
+        self.dino_loss = DINOLoss(heads.out_dim, student_temp=loss.student_temp)
+        self.ibot_loss = iBOTPatchLoss(heads.out_dim, student_temp=loss.student_temp)
+        self.koleo_loss = KoLeoLoss()
+        self.gram_loss = GramLoss(remove_negatives=loss.gram_remove_negatives, per_image=loss.gram_per_image)
+
+    def train(self, mode: bool = True) -> SelfDistillationMetaArch:
+        # Teachers always stay in eval mode: no drop path, no RoPE augmentation.
+        self.student.train(mode)
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, inputs: StepInputs, teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinkhorn-Knopp targets: DINO (G, B, K) and iBOT (masked patches, K)."""
+        n_g, batch = inputs.global_crops.shape[:2]
+        tokens = self.teacher.encode(inputs.global_crops.flatten(0, 1))
+        prefix = _num_prefix(self.teacher.backbone)
+        cls_logits = self.teacher.dino_head(tokens[:, 0])
+        patch_logits = self.teacher.ibot_head(tokens[:, prefix:][inputs.masks])
+        it = self.loss_cfg.sinkhorn_iterations
+        dino_t = sinkhorn_knopp(cls_logits, teacher_temp, it).view(n_g, batch, -1)
+        # Every process calls this (also with 0 masked patches): the sums inside are all-reduced.
+        ibot_t = sinkhorn_knopp(patch_logits, teacher_temp, it)
+        return dino_t, ibot_t
+
+    @torch.no_grad()
+    def gram_targets(self, inputs: StepInputs, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Gram-teacher patch tokens of the global crops (G·B, h·w, D), resized to the student's grid."""
+        crops = inputs.gram_crops if inputs.gram_crops is not None else inputs.global_crops
+        crops = crops.flatten(0, 1)
+        tokens = self.gram_teacher(crops).last_hidden_state[:, _num_prefix(self.gram_teacher) :]
+        patch = self.gram_teacher.config.patch_size
+        src_hw = (crops.shape[-2] // patch, crops.shape[-1] // patch)
+        return resize_patch_features(tokens, src_hw, grid_hw)
+
+    def forward_losses(
+        self,
+        student: Callable[..., dict[str, torch.Tensor]],
+        inputs: StepInputs,
+        teacher_temp: float,
+        autocast: Callable[[], object],
+    ) -> dict[str, torch.Tensor]:
+        """Total loss and its terms for one micro-batch. `student` is the (possibly DDP-wrapped) student;
+        `autocast` a context factory (accelerator.autocast) for the teacher forwards."""
+        n_g, batch = inputs.global_crops.shape[:2]
+        with autocast():
+            dino_t, ibot_t = self.teacher_targets(inputs, teacher_temp)
+        local = inputs.local_crops.flatten(0, 1) if inputs.local_crops.shape[0] > 0 else None
+        out = student(inputs.global_crops.flatten(0, 1), inputs.masks, local)
+
+        cfg = self.loss_cfg
+        dino_logits = out["dino_logits"].float().view(-1, batch, dino_t.shape[-1])
+        dino = self.dino_loss(dino_logits, dino_t)
+        ibot = self.ibot_loss(out["ibot_logits"], ibot_t, inputs.masks)
+        koleo = sum(self.koleo_loss(c) for c in out["cls"].view(n_g, batch, -1))
+        terms = {
+            "dino_local": dino["local"].detach(),
+            "dino_global": dino["global"].detach(),
+            "dino": dino["loss"],
+            "ibot": ibot,
+            "koleo": koleo,
+        }
+        total = cfg.dino_weight * dino["loss"] + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+        if self.gram_teacher is not None and cfg.gram_weight > 0:
+            patch = self.student.backbone.config.patch_size
+            grid = (inputs.global_crops.shape[-2] // patch, inputs.global_crops.shape[-1] // patch)
+            with autocast():
+                target = self.gram_targets(inputs, grid)
+            gram = self.gram_loss(out["patches"], target)
+            terms["gram"] = gram
+            total = total + cfg.gram_weight * gram
+        terms["loss"] = total
+        return terms
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher ← m·teacher + (1 − m)·student, over all parameters (same order: the teacher is a copy)."""
+        t = [p.data for p in self.teacher.parameters()]
+        s = [p.data for p in self.student.parameters()]
+        torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Gram teacher ← current EMA teacher backbone."""
+        if self.gram_teacher is None:
+            raise RuntimeError("no Gram teacher")
+        self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+

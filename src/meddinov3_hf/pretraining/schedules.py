@@ -1,0 +1,171 @@
+"""Per-iteration schedules and AdamW parameter groups for pretraining (SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["PretrainSchedules", "cosine_schedule", "linear_warmup_then_constant", "param_groups"]
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    start_warmup_value: float = 0.0,
+    freeze_steps: int = 0,
+) -> np.ndarray:
+    """DINO-style per-iteration array of length `total_steps`: zeros for `freeze_steps`, a linear warm-up
+    from `start_warmup_value` to `base` over `warmup_steps`, then a cosine from `base` (first step) down to
+    `final` (last step)."""
+    if freeze_steps + warmup_steps > total_steps:
+        raise ValueError("freeze_steps + warmup_steps exceed total_steps")
+    freeze = np.zeros(freeze_steps)
+    warmup = np.linspace(start_warmup_value, base, warmup_steps, endpoint=False)
+    n_cos = total_steps - freeze_steps - warmup_steps
+    phase = np.arange(n_cos) / max(n_cos - 1, 1)
+    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * phase))
+    return np.concatenate([freeze, warmup, cosine]).astype(np.float64)
+
+
+def linear_warmup_then_constant(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """`start` → `end` linearly over `warmup_steps` (reaching `end` at step `warmup_steps`), then constant."""
+    warmup = np.linspace(start, end, warmup_steps, endpoint=False)
+    return np.concatenate([warmup, np.full(max(total_steps - warmup_steps, 0), end)])[:total_steps]
+
+
+@dataclass
+class PretrainSchedules:
+    """Per-iteration arrays for everything the trainer updates each step."""
+
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    last_layer_lr: np.ndarray
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> PretrainSchedules:
+        """Build from plain config values (defaults = SPEC §5 stage 1).
+
+        Keys: epochs, iters_per_epoch, base_lr, min_lr, warmup_epochs, wd, wd_end, momentum_teacher,
+        final_momentum_teacher, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs, batch_size (global; base_lr is scaled by sqrt(batch_size / 1024) when
+        given, as in DINOv2 — min_lr is not scaled). Epoch counts may be fractional.
+        """
+        c = {
+            "base_lr": 1e-3,
+            "min_lr": 1e-6,
+            "warmup_epochs": 10,
+            "wd": 0.04,
+            "wd_end": 0.4,
+            "momentum_teacher": 0.992,
+            "final_momentum_teacher": 1.0,
+            "teacher_temp": 0.07,
+            "warmup_teacher_temp": 0.04,
+            "warmup_teacher_temp_epochs": 30,
+            "freeze_last_layer_epochs": 1,
+            "iters_per_epoch": 1250,
+            "batch_size": None,
+            **cfg,
+        }
+        ipe = int(c["iters_per_epoch"])
+
+        def steps(epochs: float) -> int:
+            return int(round(float(epochs) * ipe))
+
+        total = steps(c["epochs"])
+        base_lr = float(c["base_lr"])
+        if c["batch_size"] is not None:
+            base_lr *= math.sqrt(float(c["batch_size"]) / 1024.0)
+
+        lr = cosine_schedule(base_lr, c["min_lr"], total, warmup_steps=min(steps(c["warmup_epochs"]), total))
+        last_layer_lr = lr.copy()
+        last_layer_lr[: steps(c["freeze_last_layer_epochs"])] = 0.0  # prototypes frozen early for stability
+        return cls(
+            lr=lr,
+            wd=cosine_schedule(c["wd"], c["wd_end"], total),
+            momentum=cosine_schedule(c["momentum_teacher"], c["final_momentum_teacher"], total),
+            teacher_temp=linear_warmup_then_constant(
+                c["warmup_teacher_temp"], c["teacher_temp"], steps(c["warmup_teacher_temp_epochs"]), total
+            ),
+            last_layer_lr=last_layer_lr,
+        )
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def at(self, step: int) -> dict[str, float]:
+        """Values at `step` (clamped to the last step, so resuming past the end keeps the final values)."""
+        i = min(max(step, 0), len(self) - 1)
+        return {
+            "lr": float(self.lr[i]),
+            "wd": float(self.wd[i]),
+            "momentum": float(self.momentum[i]),
+            "teacher_temp": float(self.teacher_temp[i]),
+            "last_layer_lr": float(self.last_layer_lr[i]),
+        }
+
+
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layer|blocks)\.(\d+)\.")
+_TOKEN_NAMES = ("cls_token", "register_tokens", "mask_token", "storage_tokens")
+
+
+def _segment_in(name: str, key: str) -> bool:
+    """`key` ("a." style prefix or bare word) starts a dotted segment of `name`."""
+    return name.startswith(key) or f".{key}" in name
+
+
+def param_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    layer_decay: float = 0.9,
+    patch_embed_lr_mult: float = 0.2,
+    num_layers: int = 12,
+    head_prefixes: tuple[str, ...] = ("dino_head.", "ibot_head."),
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups with layer-wise lr decay and no weight decay on 1-D/bias/norm/token params.
+
+    Layer id: 0 for embeddings, i + 1 for block i (`...layer.{i}.` or `...blocks.{i}.`), num_layers + 1 for
+    the final norm, the heads and anything else; lr multiplier = layer_decay ** (num_layers + 1 − layer_id),
+    times patch_embed_lr_mult for the patch embedding. Any name prefix is allowed (`backbone.model.layer.3.`).
+    Each group holds "params", "lr_multiplier", "wd_multiplier" (0 or 1), "is_last_layer" (the heads'
+    prototype layers, frozen early); the trainer sets lr = lr · lr_multiplier (last_layer_lr for last-layer
+    groups) and weight_decay = wd · wd_multiplier. Parameters with requires_grad=False are skipped.
+    """
+    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        is_head = any(_segment_in(name, p) for p in head_prefixes)
+        block = _BLOCK_RE.search(name)
+        if is_head:
+            layer_id = num_layers + 1
+        elif block is not None:
+            layer_id = int(block.group(1)) + 1
+        elif _segment_in(name, "embeddings.") or any(t in name for t in _TOKEN_NAMES):
+            layer_id = 0
+        else:
+            layer_id = num_layers + 1
+        lr_mult = layer_decay ** (num_layers + 1 - layer_id)
+        if "patch_embed" in name:
+            lr_mult *= patch_embed_lr_mult
+        no_wd = (
+            param.ndim <= 1
+            or name.endswith(".bias")
+            or "norm" in (name.split(".")[-2] if "." in name else "")  # norm1 / norm2 / norm / layernorm
+            or any(t in name for t in _TOKEN_NAMES)
+        )
+        is_last = is_head and "last_layer" in name
+        key = (round(lr_mult, 12), 0.0 if no_wd else 1.0, is_last)
+        group = groups.setdefault(
+            key, {"params": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": is_last}
+        )
+        group["params"].append(param)
+    return list(groups.values())

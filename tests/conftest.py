@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random MedDINOv3 configurations and reference-format checkpoints built in the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+import meddinov3_hf  # noqa: F401  (registers the Auto classes and pipelines)
+from meddinov3_hf import MedDINOv3Config
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    aggregation_layers=[0, 1, 2, 3],
+    decoder_hidden_sizes=[32, 16, 16, 8],
+    layerscale_value=1.0,  # so that every block visibly changes the output
+)
+LABELS = {0: "background", 1: "liver", 2: "kidney"}
+
+
+def tiny_config(**overrides) -> MedDINOv3Config:
+    kwargs = dict(TINY, id2label=LABELS) | overrides
+    return MedDINOv3Config(**kwargs)
+
+
+def reference_dinov3(config: MedDINOv3Config, seed: int = 0, **overrides) -> DINOv3ViTModel:
+    """transformers' own DINOv3 ViT with the same architecture, random weights (the parity reference)."""
+    torch.manual_seed(seed)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
+            "num_register_tokens", "query_bias", "key_bias", "value_bias", "layerscale_value", "patch_size")
+    kwargs = {k: getattr(config, k) for k in keys} | {"pos_embed_rescale": None} | overrides
+    model = DINOv3ViTModel(DINOv3ViTConfig(**kwargs)).eval()
+    with torch.no_grad():  # non-trivial tokens and biases so that mapping mistakes show
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "token" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def to_reference_names(
+    hf_state: dict[str, torch.Tensor], num_layers: int, query_value_bias: bool = False, num_heads: int | None = None
+) -> dict:
+    """transformers DINOv3 names → the reference implementation's names (an independent inverse mapping)."""
+    ref = {
+        "cls_token": hf_state["embeddings.cls_token"],
+        "storage_tokens": hf_state["embeddings.register_tokens"],
+        "mask_token": hf_state["embeddings.mask_token"].reshape(1, -1),
+        "patch_embed.proj.weight": hf_state["embeddings.patch_embeddings.weight"],
+        "patch_embed.proj.bias": hf_state["embeddings.patch_embeddings.bias"],
+        "norm.weight": hf_state["norm.weight"],
+        "norm.bias": hf_state["norm.bias"],
+    }
+    head_dim = hf_state["model.layer.0.attention.q_proj.weight"].shape[0]
+    for i in range(num_layers):
+        p, b = f"model.layer.{i}.", f"blocks.{i}."
+        ref[b + "attn.qkv.weight"] = torch.cat([hf_state[p + f"attention.{x}_proj.weight"] for x in "qkv"])
+        if query_value_bias:
+            q, v = hf_state[p + "attention.q_proj.bias"], hf_state[p + "attention.v_proj.bias"]
+            junk_k = torch.full_like(q, 7.0)  # masked out by bias_mask, as in Meta's checkpoints
+            ref[b + "attn.qkv.bias"] = torch.cat([q, junk_k, v])
+            ref[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)])
+        for ours, theirs in [("norm1", "norm1"), ("norm2", "norm2"), ("attention.o_proj", "attn.proj"),
+                             ("mlp.up_proj", "mlp.fc1"), ("mlp.down_proj", "mlp.fc2")]:
+            ref[f"{b}{theirs}.weight"] = hf_state[f"{p}{ours}.weight"]
+            ref[f"{b}{theirs}.bias"] = hf_state[f"{p}{ours}.bias"]
+        ref[b + "ls1.gamma"] = hf_state[p + "layer_scale1.lambda1"]
+        ref[b + "ls2.gamma"] = hf_state[p + "layer_scale2.lambda1"]
+    if num_heads is not None:  # the reference stores its RoPE periods (bf16) as a buffer
+        d = head_dim // num_heads
+        ref["rope_embed.periods"] = (100.0 ** (2 * torch.arange(d // 4, dtype=torch.bfloat16) / (d // 2)))
+    return ref
+
+
+@pytest.fixture
+def tiny() -> MedDINOv3Config:
+    return tiny_config()
