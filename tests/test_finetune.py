@@ -290,14 +290,30 @@ def test_two_process_accelerate_launch(workspace, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_DISABLED="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    # accelerate 1.15's `--cpu` runs ONE process whatever --num_processes says; the torchrun-based launcher
+    # with no visible GPU gives two gloo ranks (run_finetune tells transformers it is on CPU).
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "finetune.py"),
            *_argv(workspace, out, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2")]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    assert torch.load(out / "training_args.bin", weights_only=False).world_size == 2
+    assert "2 process(es), 4 patches" in done.stderr  # really two ranks, each with its own batches
     assert any("eval_volume_dice" in e for e in state["log_history"])
     AutoModelForSemanticSegmentation.from_pretrained(out)
     assert (out / "validation" / "metrics.json").is_file()
+
+
+def test_training_uses_the_model_processors_intensity_window(workspace, tmp_path):
+    """A model whose processor windows HU differently must be trained on that same normalisation."""
+    model_dir = tmp_path / "windowed"
+    MedDINOv3Model(tiny_config()).save_pretrained(model_dir)
+    MedDINOv3ImageProcessor(window="abdomen").save_pretrained(model_dir)
+    args = _argv(workspace, tmp_path / "out", "--disable_augmentation", "true", "--max_steps", "1",
+                 "--volume_eval_during_training", "false", model=model_dir)
+    trainer, data = build_trainer(*_parse(args))
+    for dataset in (data.train, data.eval):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(4)])
+        assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5  # abdomen window → [-1, 1]
+        assert pixels.min() < -0.99  # air reaches the window's lower end (reference scaling would give ≈ -6)

@@ -25,20 +25,37 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
 
 TINY_BACKBONE = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_register_tokens=4,
-    patch_size=16, aggregation_layers=[0, 1],
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_register_tokens=4,
+    patch_size=16,
+    aggregation_layers=[0, 1],
 )
 TINY = [
-    "heads.out_dim=64", "heads.hidden_dim=32", "heads.bottleneck_dim=16",
-    "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
-    "train.batch_size=4", "train.mixed_precision=no", "train.num_workers=0", "train.log_with=none",
-    "train.log_every=1", "train.shuffle_buffer_size=8", "health.every=2", "health.num_slices=6",
-    "health.image_size=32", "schedule.iters_per_epoch=4", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
-    "schedule.warmup_teacher_temp_epochs=0.5", "schedule.freeze_last_layer_epochs=0.25",
+    "heads.out_dim=64",
+    "heads.hidden_dim=32",
+    "heads.bottleneck_dim=16",
+    "crops.global_size=32",
+    "crops.local_size=16",
+    "crops.n_local=2",
+    "train.batch_size=4",
+    "train.mixed_precision=no",
+    "train.num_workers=0",
+    "train.log_with=none",
+    "train.log_every=1",
+    "train.shuffle_buffer_size=8",
+    "health.every=2",
+    "health.num_slices=6",
+    "health.image_size=32",
+    "schedule.iters_per_epoch=4",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0.5",
+    "schedule.warmup_teacher_temp_epochs=0.5",
+    "schedule.freeze_last_layer_epochs=0.25",
 ]
-STAGE3_SIZES = (
-    "crops.size_choices=[{global: 32, local: 16, gram: 48, p: 0.5}, {global: 48, local: 16, gram: 64, p: 0.5}]"
-)
+STAGE3_SIZES = "crops.size_choices=[{global: 32, local: 16, gram: 48, p: 0.5}, {global: 48, local: 16, gram: 64, p: 0.5}]"
 SCRATCH = "model.scratch={" + ", ".join(f"{k}: {v}" for k, v in TINY_BACKBONE.items()) + "}"
 
 
@@ -51,11 +68,20 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def _no_stream_shutdown_sleep(monkeypatch):
+    # datasets sleeps 5 s whenever a Parquet stream ends early or an epoch ends (an Arrow thread workaround);
+    # harmless in training, but it would dominate these tiny runs.
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
 @pytest.fixture(scope="module")
 def ct3m(tmp_path_factory) -> Path:
-    """A tiny CT-3M build (3 synthetic volumes → 3 Parquet shards) from NIfTI files."""
+    """A tiny CT-3M build (6 synthetic volumes → 6 Parquet shards of 6 slices) from NIfTI files."""
     root = tmp_path_factory.mktemp("ct3m")
-    for i in range(3):
+    for i in range(6):
         hu, _ = make_synthetic_ct(shape=(6, 48, 48), seed=i)
         path = root / "src" / f"case{i}.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +162,34 @@ def test_stage1_resume_is_exact_and_export_loads(ct3m, tiny_init, tmp_path):
 
 def test_stage2_and_stage3_from_previous_export(ct3m, tiny_init, tmp_path):
     s1 = _run(_cfg(1, ct3m, tmp_path / "s1", "train.max_steps=2", "train.checkpoint_every=0", init=tiny_init))
-    s2 = _run(_cfg(2, ct3m, tmp_path / "s2", "train.max_steps=2", "crops.gram_size=48", "gram.refresh_every=1",
-                   "health.every=0", "train.checkpoint_every=2", init=Path(s1["export"])))
+    s2 = _run(
+        _cfg(
+            2,
+            ct3m,
+            tmp_path / "s2",
+            "train.max_steps=2",
+            "crops.gram_size=48",
+            "gram.refresh_every=1",
+            "health.every=0",
+            "train.checkpoint_every=2",
+            init=Path(s1["export"]),
+        )
+    )
     assert all(np.isfinite(h["loss/gram"]) for h in s2["history"])
     # Stage 3 starts from the stage-2 checkpoint folder; crop sizes change per step.
-    s3 = _run(_cfg(3, ct3m, tmp_path / "s3", "train.max_steps=4", STAGE3_SIZES, "health.every=0",
-                   "model.gradient_checkpointing=true", "train.checkpoint_every=0",
-                   init=tmp_path / "s2" / "checkpoints" / "step_00000002"))
+    s3 = _run(
+        _cfg(
+            3,
+            ct3m,
+            tmp_path / "s3",
+            "train.max_steps=4",
+            STAGE3_SIZES,
+            "health.every=0",
+            "model.gradient_checkpointing=true",
+            "train.checkpoint_every=0",
+            init=tmp_path / "s2" / "checkpoints" / "step_00000002",
+        )
+    )
     assert all(np.isfinite(h["loss/loss"]) and np.isfinite(h["loss/gram"]) for h in s3["history"])
     assert {h["train/global_crop_size"] for h in s3["history"]} <= {32.0, 48.0}
 
@@ -157,17 +204,52 @@ def test_from_scratch_refuses_overwrite(ct3m, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_launch(ct3m, tiny_init, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu training/pretrain.py` runs stage 1 then resumes it."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    """2-process DDP (gloo) through `accelerate launch training/pretrain.py`: stage 1, then --resume.
+
+    accelerate 1.x's `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
+    processes need the torchrun path: `--multi_gpu` with ACCELERATE_USE_CPU=1 and no visible GPU."""
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_USE_CPU="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     out = tmp_path / "ddp"
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(REPO / "training" / "pretrain.py"), "--config", str(CONFIGS / "stage1.yaml"),
-            "--dataset", str(ct3m), "--init", str(tiny_init), "--output_dir", str(out),
-            *TINY, "train.num_workers=1", "train.checkpoint_every=2", "health.every=0"]
-    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume"]):
-        proc = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    base = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "pretrain.py"),
+        "--config",
+        str(CONFIGS / "stage1.yaml"),
+        "--dataset",
+        str(ct3m),
+        "--init",
+        str(tiny_init),
+        "--output_dir",
+        str(out),
+        *TINY,
+        "train.num_workers=1",
+        "train.checkpoint_every=2",
+        "health.every=0",
+    ]
+    # The resumed launch uses no loader worker: batch content does not depend on the number of workers.
+    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume", "train.num_workers=0"]):
+        proc = subprocess.run(
+            base + extra, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -21,9 +21,12 @@ from meddinov3_hf.pretraining.loop import add_pretrain_arguments, run_pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_pretrain_arguments(parser)
-    return run_pretrain(parser.parse_args(argv))
+    # Intermixed: dotted overrides may come before or after options such as --max_steps.
+    return run_pretrain(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":  # guard required: DataLoader workers may re-import this file

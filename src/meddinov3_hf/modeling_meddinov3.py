@@ -354,6 +354,9 @@ class MedDINOv3ForSemanticSegmentation(MedDINOv3PreTrainedModel):
     `config.aggregation_layers` are concatenated (B, D·L, H/p, W/p) and decoded to logits (B, num_labels, H, W).
     With `labels` (B, H, W), returns the Dice + cross-entropy loss."""
 
+    # The loss is a per-batch mean computed here; the Trainer must not rescale it by the number of processes.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MedDINOv3Config):
         super().__init__(config)
         self.meddinov3 = MedDINOv3Model(config)

@@ -19,7 +19,7 @@ index)` derives one per sample so a resumed run reproduces the same patches.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,15 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 def _randint(g: torch.Generator, lo: int, hi: int) -> int:
     """Uniform integer in [lo, hi] (inclusive)."""
     return int(torch.randint(lo, hi + 1, (), generator=g))
+
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) std in one cheap pass each: torch.std_mean is ~20x slower on CPU."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    mean = flat.sum() / n
+    var = (torch.dot(flat, flat) / n - mean * mean).clamp_min(0.0)
+    return mean, var.sqrt()
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -272,7 +281,10 @@ class SegmentationTrainTransform:
         p_gamma_inverted: float = 0.1,
         gamma_range: tuple[float, float] = (0.7, 1.5),
         p_mirror: float = 0.5,
+        normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_hu,
     ):
+        # The model's processor.normalize in practice: training must see the inference-time intensities.
+        self.normalize = normalize
         self.patch_hw = _patch_hw(patch_size)
         if target_spacing is not None and not float(target_spacing) > 0:
             raise ValueError(f"target_spacing must be positive mm or None, got {target_spacing}")
@@ -369,7 +381,7 @@ class SegmentationTrainTransform:
         flips = (_rand(g) < self.p_mirror, _rand(g) < self.p_mirror)
         geo = _Geometry(self.patch_hw, start, native, target, angle, scale, flips)
         img, lab = _sample(hu, label, geo)
-        x = normalize_hu(img)
+        x = self.normalize(img)
         x = self._intensity(x, g)
         assert lab is not None
         return x[None], lab
@@ -417,11 +429,11 @@ class SegmentationTrainTransform:
         lo_g, hi_g = self.gamma_range
         # As batchgenerators: half the time a gamma below 1, else above 1, so both sides are equally likely.
         gamma = _uniform(g, lo_g, 1.0) if (_rand(g) < 0.5 and lo_g < 1) else _uniform(g, max(lo_g, 1.0), hi_g)
-        std, mean = torch.std_mean(x)
+        mean, std = _mean_std(x)
         lo, hi = torch.aminmax(x)
-        y = (x - lo).div_(hi - lo + 1e-7).pow_(gamma)  # in [0, 1]
+        y = (x - lo).div_(hi - lo + 1e-7).log_().mul_(gamma).exp_()  # y**gamma in [0, 1]; 2x faster than pow
         # Mapping y back to [lo, hi] and then restoring mean/std collapses to standardising y directly.
-        std_y, mean_y = torch.std_mean(y)
+        mean_y, std_y = _mean_std(y)
         return y.sub_(mean_y).mul_(std / (std_y + 1e-8)).add_(mean)
 
 
@@ -436,7 +448,9 @@ class SegmentationEvalTransform:
         patch_size: int | Sequence[int] | None = None,
         target_spacing: float | None = None,
         pad_multiple: int = 16,
+        normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_hu,
     ):
+        self.normalize = normalize
         self.patch_hw = None if patch_size is None else _patch_hw(patch_size)
         if target_spacing is not None and not float(target_spacing) > 0:
             raise ValueError(f"target_spacing must be positive mm or None, got {target_spacing}")
@@ -473,7 +487,7 @@ class SegmentationEvalTransform:
             out = self.patch_hw
             start = tuple((r - p) // 2 for r, p in zip(res, out))
         img, lab = _sample(hu, lab_in, _Geometry(out, start, native, target))  # type: ignore[arg-type]
-        return normalize_hu(img)[None], lab
+        return self.normalize(img)[None], lab
 
     def transform_example(self, example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Apply to a row of `build_slice_dataset`."""

@@ -29,6 +29,7 @@ __all__ = [
     "AFFINE_TOLERANCE",
     "DatasetValidationError",
     "NnUNetDataset",
+    "read_label_array",
     "split_cases",
     "validate",
     "write_splits_file",

@@ -1,7 +1,8 @@
 """Synthetic, anatomy-like CT volumes and nnU-Net-format datasets for tests and the `meddinov3 demo`.
 
 The phantom is deliberately simple but not trivial: organs differ in intensity *and* in shape/position, so a
-model must use context as well as HU to separate e.g. liver (60 HU) from spleen (45 HU). Everything is
+model must use context as well as HU to separate e.g. liver (105 HU) from spleen (120 HU). Intensities follow a
+portal-venous contrast phase, the usual protocol of abdominal segmentation datasets (AMOS, BTCV, KiTS, LiTS). Everything is
 generated from one seed, so a (shape, spacing, seed) triple always gives the same volume.
 
 Array convention (same as `meddinov3_hf.volumes.io`): (Z, Y, X) in the canonical LPS-like orientation,
@@ -57,10 +58,10 @@ class _Organ:
 
 # Order defines label ids (1..n). Chosen to be separable by intensity and/or shape/position.
 SYNTHETIC_ORGANS: tuple[_Organ, ...] = (
-    _Organ("liver", 60.0, (-0.40, -0.05, 0.25), (0.42, 0.45, 0.60)),
-    _Organ("kidney", 150.0, (0.42, 0.55, -0.15), (0.13, 0.16, 0.35), mirrored_pair=True, cortex_hu=210.0),
-    _Organ("spleen", 45.0, (0.55, 0.25, 0.35), (0.17, 0.25, 0.35)),
-    _Organ("aorta", 220.0, (0.05, 0.30, 0.0), (0.07, 0.07, 1.5)),
+    _Organ("liver", 105.0, (-0.40, -0.05, 0.25), (0.42, 0.45, 0.60)),
+    _Organ("kidney", 160.0, (0.42, 0.55, -0.15), (0.13, 0.16, 0.35), mirrored_pair=True, cortex_hu=200.0),
+    _Organ("spleen", 120.0, (0.55, 0.25, 0.35), (0.17, 0.25, 0.35)),
+    _Organ("aorta", 170.0, (0.05, 0.30, 0.0), (0.07, 0.07, 1.5)),
     _Organ("bladder", 5.0, (0.0, -0.30, -0.80), (0.22, 0.22, 0.22)),
 )
 

@@ -119,6 +119,11 @@ class TrainSliceDataset(Dataset):
         self.class_ids = sorted(by_class)
         self.rows_by_class = {c: np.asarray(rows, dtype=np.int64) for c, rows in by_class.items()}
 
+    def set_normalizer(self, normalize) -> None:
+        """Use the model processor's HU normalisation, so training sees what inference will."""
+        self.foreground_transform.normalize = normalize
+        self.random_transform.normalize = normalize
+
     def __len__(self) -> int:
         return self.samples_per_epoch
 
@@ -186,6 +191,9 @@ class EvalSliceDataset(Dataset):
         self.slices = slices
         self.rows = rows
         self.transform = SegmentationEvalTransform(patch_size, target_spacing)
+
+    def set_normalizer(self, normalize) -> None:
+        self.transform.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.rows)

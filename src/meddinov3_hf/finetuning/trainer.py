@@ -234,6 +234,9 @@ class MedDINOv3Trainer(Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        # The model's forward takes **kwargs, which the Trainer reads as "normalises by num_items_in_batch
+        # itself" and then multiplies the loss by the number of processes. Ours is a per-batch mean.
+        self.model_accepts_loss_kwargs = False
         self.backbone_learning_rate = float(backbone_learning_rate)
         self.volume_validator = volume_validator
         self.volume_eval_max_cases = volume_eval_max_cases
@@ -467,6 +470,7 @@ def build_trainer(
     """Everything `run_finetune` trains with, without training (tests and benchmarks use it too)."""
     if args.patch_size % 16:
         raise ValueError(f"--patch_size must be a multiple of 16, got {args.patch_size}")
+    _ = training_args.device  # sets up the distributed state: world_size is 1 until then
     set_seed(training_args.seed)  # the decoder's random init must not depend on what ran before
     data = prepare_data(args, training_args)
     model, processor, natural = load_model_for_finetuning(
@@ -481,6 +485,8 @@ def build_trainer(
     processor = processor or MedDINOv3ImageProcessor()
     processor.target_spacing = list(data.target_spacing)
     processor.size = None  # resampling to the working spacing decides the size
+    data.train.set_normalizer(processor.normalize)
+    data.eval.set_normalizer(processor.normalize)
     backbone_lr = args.backbone_learning_rate
     if backbone_lr is None:
         backbone_lr = BACKBONE_LR_NATURAL if natural else BACKBONE_LR_CT
@@ -570,6 +576,10 @@ def write_output_card(
 
 def run_finetune(argv: list[str] | None = None) -> int:
     """The fine-tuning command. Returns the process exit status."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun / accelerate launch on a CPU-only machine: transformers only builds a gloo process group
+        # (instead of silently running every rank as a separate single-process job) when told it is on CPU.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser((FinetuneArguments, FinetuneTrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
@@ -585,6 +595,13 @@ def run_finetune(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     output_dir = Path(training_args.output_dir)
+    logger.info(
+        "%d training / %d validation cases (fold %s); %d process(es), %d patches of %d px per optimizer step "
+        "at %.4f mm",
+        len(data.train_cases), len(data.val_cases), args.fold, training_args.world_size,
+        training_args.world_size * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
+        args.patch_size, data.target_spacing[0],
+    )  # fmt: skip
     if not args.validation_only:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model(str(output_dir))  # model + processor (working spacing) + config

@@ -135,7 +135,9 @@ class CropBatchStream(torch.utils.data.IterableDataset):
                 if index >= offset:
                     yield epoch, index, example
             if index < 0:
-                raise RuntimeError(f"process {self.rank} received no CT slices: fewer data rows than processes?")
+                raise RuntimeError(
+                    f"process {self.rank} received no CT slices: fewer data rows than processes?"
+                )
             epoch, offset = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -158,7 +160,9 @@ class CropBatchStream(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, index))
             image = torch.as_tensor(example["image"]).to(torch.float32)
             samples.append(
-                self.augmentation(image, generator=gen, global_size=g_size, local_size=l_size, gram_size=gram_size)
+                self.augmentation(
+                    image, generator=gen, global_size=g_size, local_size=l_size, gram_size=gram_size
+                )
             )
         batch = collate_multicrop(samples)
         last_epoch, last_index, _ = batch_examples[-1]
@@ -243,7 +247,9 @@ def _load_init_states(path: Path) -> tuple[MedDINOv3Config, dict[str, torch.Tens
         return MedDINOv3Config.from_dict(meta["backbone_config"]), backbone, heads
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"--init {path}: neither a model folder (config.json) nor a training checkpoint")
+        raise FileNotFoundError(
+            f"--init {path}: neither a model folder (config.json) nor a training checkpoint"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type")
     with tempfile.TemporaryDirectory() as tmp:
         folder = path
@@ -430,7 +436,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         if resume_dir is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
     elif latest_checkpoint(ckpt_root) is not None:
-        raise FileExistsError(f"{ckpt_root} has checkpoints: pass --resume to continue, or another --output_dir")
+        raise FileExistsError(
+            f"{ckpt_root} has checkpoints: pass --resume to continue, or another --output_dir"
+        )
 
     # Models. Seeded so that every process builds identical fresh heads (DDP also broadcasts the student).
     torch.manual_seed(cfg.train.seed)
@@ -446,7 +454,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     if _load_heads(meta, heads):
         accelerator.print("loaded pretrained DINO/iBOT heads from --init")
     if cfg.model.gradient_checkpointing:
-        meta.student.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        bb = meta.student.backbone  # transformers 5.x renamed the method; keep working on both names
+        if hasattr(bb, "activation_checkpointing_enable"):
+            bb.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     meta.to(accelerator.device)
     if cfg.model.compile:
         for module in (meta.student.backbone, meta.teacher.backbone, meta.gram_teacher):
@@ -492,8 +504,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         accelerator.load_state(str(resume_dir))
         info = json.loads((resume_dir / STATE_FILE).read_text())
         if info["world_size"] != world:
-            raise ValueError(f"checkpoint written by {info['world_size']} processes; resuming with {world} would "
-                             "change the data order (not an exact resume)")
+            raise ValueError(
+                f"checkpoint written by {info['world_size']} processes; resuming with {world} would "
+                "change the data order (not an exact resume)"
+            )
         accelerator.print(f"resumed from {resume_dir} at step {state.step}")
     start_step = state.step
     state.current_position = tuple(state.positions[rank]) if state.positions else (0, 0)
@@ -536,15 +550,21 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     patch = backbone.config.patch_size
     n_global = 2
     history: list[dict[str, float]] = []
-    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc=cfg.stage)
+    progress = tqdm(
+        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc=cfg.stage
+    )
     meta.train()
     while state.step < total_steps:
         step = state.step
         torch.manual_seed(mix_seed(cfg.train.seed, step, rank))  # drop path, RoPE augmentation
         values = schedules.at(step)
         _set_lr_wd(optimizer, values)
-        if cfg.gram.enabled and cfg.gram.refresh_every > 0 and step > 0 and step % cfg.gram.refresh_every == 0:
+        if (
+            cfg.gram.enabled
+            and cfg.gram.refresh_every > 0
+            and step > 0
+            and step % cfg.gram.refresh_every == 0
+        ):
             meta.refresh_gram_teacher()
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accumulation):
@@ -566,7 +586,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 global_crops=batch["global"].to(device, non_blocking=True),
                 local_crops=batch["local"].to(device, non_blocking=True),
                 masks=masks.to(device, non_blocking=True),
-                gram_crops=batch["global_gram"].to(device, non_blocking=True) if "global_gram" in batch else None,
+                gram_crops=batch["global_gram"].to(device, non_blocking=True)
+                if "global_gram" in batch
+                else None,
             )
             sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(student)
             with sync:
@@ -649,22 +671,35 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `training/pretrain.py` / `meddinov3 pretrain`. Parse with `parse_intermixed_args` so that
+    dotted overrides may sit between options."""
     parser.add_argument("--config", required=True, help="stage YAML (training/configs/stage{1,2,3}.yaml)")
     parser.add_argument("--dataset", help="CT-3M build folder, Parquet glob or Hub dataset id")
-    parser.add_argument("--init", help="backbone folder (MedDINOv3/DINOv3), export or checkpoint; omit: scratch")
+    parser.add_argument(
+        "--init", help="backbone folder (MedDINOv3/DINOv3), export or checkpoint; omit: scratch"
+    )
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir")
     parser.add_argument("--max_steps", "--max-steps", dest="max_steps", type=int)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the latest checkpoint in output_dir, or from the folder given")
+    # A flag, not nargs="?": an optional value would swallow the first dotted override after it.
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
+    parser.add_argument(
+        "--resume_from", "--resume-from", dest="resume_from", help="continue from this checkpoint"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     overrides = list(args.overrides or [])
-    for key in ("dataset", "init", "output_dir", "resume"):
+    for key in ("dataset", "init", "output_dir"):
         value = getattr(args, key, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "resume_from", None):
+        overrides.append(f"resume={args.resume_from}")
+    elif getattr(args, "resume", False):
+        overrides.append("resume=latest")
     if getattr(args, "max_steps", None) is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     # Strings passed through YAML parsing could turn into numbers/bools; set paths verbatim instead.

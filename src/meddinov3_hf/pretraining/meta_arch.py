@@ -36,7 +36,9 @@ class SSLBranch(nn.Module):
         self.backbone = backbone
         dim = backbone.config.hidden_size
         kwargs = dict(
-            out_dim=heads.out_dim, hidden_dim=heads.hidden_dim, bottleneck_dim=heads.bottleneck_dim,
+            out_dim=heads.out_dim,
+            hidden_dim=heads.hidden_dim,
+            bottleneck_dim=heads.bottleneck_dim,
             nlayers=heads.nlayers,
         )
         self.dino_head = DINOHead(dim, **kwargs)
@@ -109,9 +111,7 @@ class SelfDistillationMetaArch(nn.Module):
         return self
 
     @torch.no_grad()
-    def teacher_targets(
-        self, inputs: StepInputs, teacher_temp: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_targets(self, inputs: StepInputs, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinkhorn-Knopp targets: DINO (G, B, K) and iBOT (masked patches, K)."""
         n_g, batch = inputs.global_crops.shape[:2]
         tokens = self.teacher.encode(inputs.global_crops.flatten(0, 1))
@@ -186,4 +186,3 @@ class SelfDistillationMetaArch(nn.Module):
         if self.gram_teacher is None:
             raise RuntimeError("no Gram teacher")
         self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
-
