@@ -29,8 +29,19 @@ def tiny_config(**overrides) -> MedDINOv3Config:
 def reference_dinov3(config: MedDINOv3Config, seed: int = 0, **overrides) -> DINOv3ViTModel:
     """transformers' own DINOv3 ViT with the same architecture, random weights (the parity reference)."""
     torch.manual_seed(seed)
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
-            "num_register_tokens", "query_bias", "key_bias", "value_bias", "layerscale_value", "patch_size")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "layer_norm_eps",
+        "num_register_tokens",
+        "query_bias",
+        "key_bias",
+        "value_bias",
+        "layerscale_value",
+        "patch_size",
+    )
     kwargs = {k: getattr(config, k) for k in keys} | {"pos_embed_rescale": None} | overrides
     model = DINOv3ViTModel(DINOv3ViTConfig(**kwargs)).eval()
     with torch.no_grad():  # non-trivial tokens and biases so that mapping mistakes show
@@ -41,7 +52,10 @@ def reference_dinov3(config: MedDINOv3Config, seed: int = 0, **overrides) -> DIN
 
 
 def to_reference_names(
-    hf_state: dict[str, torch.Tensor], num_layers: int, query_value_bias: bool = False, num_heads: int | None = None
+    hf_state: dict[str, torch.Tensor],
+    num_layers: int,
+    query_value_bias: bool = False,
+    num_heads: int | None = None,
 ) -> dict:
     """transformers DINOv3 names → the reference implementation's names (an independent inverse mapping)."""
     ref = {
@@ -61,16 +75,23 @@ def to_reference_names(
             q, v = hf_state[p + "attention.q_proj.bias"], hf_state[p + "attention.v_proj.bias"]
             junk_k = torch.full_like(q, 7.0)  # masked out by bias_mask, as in Meta's checkpoints
             ref[b + "attn.qkv.bias"] = torch.cat([q, junk_k, v])
-            ref[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)])
-        for ours, theirs in [("norm1", "norm1"), ("norm2", "norm2"), ("attention.o_proj", "attn.proj"),
-                             ("mlp.up_proj", "mlp.fc1"), ("mlp.down_proj", "mlp.fc2")]:
+            ref[b + "attn.qkv.bias_mask"] = torch.cat(
+                [torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)]
+            )
+        for ours, theirs in [
+            ("norm1", "norm1"),
+            ("norm2", "norm2"),
+            ("attention.o_proj", "attn.proj"),
+            ("mlp.up_proj", "mlp.fc1"),
+            ("mlp.down_proj", "mlp.fc2"),
+        ]:
             ref[f"{b}{theirs}.weight"] = hf_state[f"{p}{ours}.weight"]
             ref[f"{b}{theirs}.bias"] = hf_state[f"{p}{ours}.bias"]
         ref[b + "ls1.gamma"] = hf_state[p + "layer_scale1.lambda1"]
         ref[b + "ls2.gamma"] = hf_state[p + "layer_scale2.lambda1"]
     if num_heads is not None:  # the reference stores its RoPE periods (bf16) as a buffer
         d = head_dim // num_heads
-        ref["rope_embed.periods"] = (100.0 ** (2 * torch.arange(d // 4, dtype=torch.bfloat16) / (d // 2)))
+        ref["rope_embed.periods"] = 100.0 ** (2 * torch.arange(d // 4, dtype=torch.bfloat16) / (d // 2))
     return ref
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from meddinov3_hf.data.augment import (
     AIR_HU,
+    NO_AUGMENTATION,
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     sample_generator,
@@ -21,19 +22,7 @@ from meddinov3_hf.data.augment import (
 from meddinov3_hf.data.synthetic import make_synthetic_ct
 from meddinov3_hf.image_processing_meddinov3 import normalize_hu
 
-NO_AUG = dict(
-    oversample_foreground=0.0,
-    p_rotation=0.0,
-    p_scale=0.0,
-    p_noise=0.0,
-    p_blur=0.0,
-    p_brightness=0.0,
-    p_contrast=0.0,
-    p_lowres=0.0,
-    p_gamma=0.0,
-    p_gamma_inverted=0.0,
-    p_mirror=0.0,
-)
+NO_AUG = dict(NO_AUGMENTATION, oversample_foreground=0.0)
 ALL_AUG = dict(
     oversample_foreground=0.5,
     p_rotation=1.0,

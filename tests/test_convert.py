@@ -17,9 +17,12 @@ BLOCKS = [0, 1, 2, 3]
 
 def _reference_state(config, **kwargs):
     reference = reference_dinov3(config, **kwargs)
-    sd = to_reference_names(reference.state_dict(), config.num_hidden_layers,
-                            query_value_bias=kwargs.get("query_bias", False),
-                            num_heads=config.num_attention_heads)
+    sd = to_reference_names(
+        reference.state_dict(),
+        config.num_hidden_layers,
+        query_value_bias=kwargs.get("query_bias", False),
+        num_heads=config.num_attention_heads,
+    )
     return reference, sd
 
 
@@ -27,7 +30,9 @@ def _outputs_match(folder, reference, atol=1e-5):
     model = MedDINOv3Model.from_pretrained(folder).eval()
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        torch.testing.assert_close(model(x).last_hidden_state, reference(x).last_hidden_state, atol=atol, rtol=0)
+        torch.testing.assert_close(
+            model(x).last_hidden_state, reference(x).last_hidden_state, atol=atol, rtol=0
+        )
     return model
 
 
@@ -38,14 +43,20 @@ def test_meddinov3_release_checkpoint(tmp_path):
     teacher |= {"dino_head.mlp.0.weight": torch.zeros(4, 4), "ibot_head.last_layer.weight": torch.zeros(4, 4)}
     torch.save({"teacher": teacher, "iteration": 5}, tmp_path / "teacher_checkpoint.pth")
     assert detect_format(tmp_path / "teacher_checkpoint.pth") == "meddinov3"
-    result = convert_checkpoint(tmp_path / "teacher_checkpoint.pth", tmp_path / "out", aggregation_layers=BLOCKS,
-                                rope_precision="fp32")
+    result = convert_checkpoint(
+        tmp_path / "teacher_checkpoint.pth",
+        tmp_path / "out",
+        aggregation_layers=BLOCKS,
+        rope_precision="fp32",
+    )
     assert result.dropped_keys == ["dino_head.mlp.0.weight", "ibot_head.last_layer.weight"]
     _outputs_match(tmp_path / "out", reference)
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= files
     # default RoPE precision for reference-code checkpoints is the reference's bf16
-    result = convert_checkpoint(tmp_path / "teacher_checkpoint.pth", tmp_path / "bf16", aggregation_layers=BLOCKS)
+    result = convert_checkpoint(
+        tmp_path / "teacher_checkpoint.pth", tmp_path / "bf16", aggregation_layers=BLOCKS
+    )
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["rope_precision"] == "bf16"
 
 
@@ -54,8 +65,9 @@ def test_meta_dinov3_pth_with_masked_key_bias(tmp_path):
     reference, sd = _reference_state(config, query_bias=True, value_bias=True)
     torch.save(sd, tmp_path / "dinov3_vitb16.pth")
     assert detect_format(tmp_path / "dinov3_vitb16.pth") == "dinov3"
-    result = convert_checkpoint(tmp_path / "dinov3_vitb16.pth", tmp_path / "out", aggregation_layers=BLOCKS,
-                                rope_precision="fp32")
+    result = convert_checkpoint(
+        tmp_path / "dinov3_vitb16.pth", tmp_path / "out", aggregation_layers=BLOCKS, rope_precision="fp32"
+    )
     assert result.config.query_bias and result.config.value_bias and not result.config.key_bias
     _outputs_match(tmp_path / "out", reference)
 
@@ -82,19 +94,26 @@ def test_nnunet_checkpoint_with_orig_mod_prefix_and_labels(tmp_path):
         decoder[f"up_projection.decode.{s}.1.bias"] = torch.randn(stage.norm.bias.shape)
     decoder["up_projection.decode.4.weight"] = seg.decoder.classifier.weight.detach().clone()
     decoder["up_projection.decode.4.bias"] = torch.randn(3)
-    weights = {f"_orig_mod.dino_encoder.{k}": v for k, v in sd.items()} | {f"_orig_mod.{k}": v for k, v in decoder.items()}
-    checkpoint = {"network_weights": weights,
-                  "init_args": {"dataset_json": {"labels": {"background": 0, "liver": 1, "kidney": 2}}}}
+    weights = {f"_orig_mod.dino_encoder.{k}": v for k, v in sd.items()} | {
+        f"_orig_mod.{k}": v for k, v in decoder.items()
+    }
+    checkpoint = {
+        "network_weights": weights,
+        "init_args": {"dataset_json": {"labels": {"background": 0, "liver": 1, "kidney": 2}}},
+    }
     torch.save(checkpoint, tmp_path / "checkpoint_final.pth")
-    result = convert_checkpoint(tmp_path / "checkpoint_final.pth", tmp_path / "out", aggregation_layers=BLOCKS,
-                                rope_precision="fp32")
+    result = convert_checkpoint(
+        tmp_path / "checkpoint_final.pth", tmp_path / "out", aggregation_layers=BLOCKS, rope_precision="fp32"
+    )
     assert result.config.id2label == {0: "background", 1: "liver", 2: "kidney"}
     model = MedDINOv3ForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(model.decoder.stages[2].norm.bias, decoder["up_projection.decode.2.1.bias"])
     torch.testing.assert_close(model.decoder.classifier.bias, decoder["up_projection.decode.4.bias"])
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.meddinov3(x).last_hidden_state, reference(x).last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.meddinov3(x).last_hidden_state, reference(x).last_hidden_state, atol=1e-5, rtol=0
+        )
     assert "image-segmentation" in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -102,8 +121,20 @@ def test_cli_convert_with_blocks_and_precision(tmp_path, capsys):
     config = tiny_config()
     _, sd = _reference_state(config)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, tmp_path / "t.pth")
-    assert cli_main(["convert", str(tmp_path / "t.pth"), str(tmp_path / "out"), "--blocks", "1,3",
-                     "--rope-precision", "fp32"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "t.pth"),
+                str(tmp_path / "out"),
+                "--blocks",
+                "1,3",
+                "--rope-precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["aggregation_layers"] == [1, 3] and saved["rope_precision"] == "fp32"
     assert "converted" in capsys.readouterr().out

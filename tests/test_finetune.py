@@ -310,8 +310,17 @@ def test_training_uses_the_model_processors_intensity_window(workspace, tmp_path
     model_dir = tmp_path / "windowed"
     MedDINOv3Model(tiny_config()).save_pretrained(model_dir)
     MedDINOv3ImageProcessor(window="abdomen").save_pretrained(model_dir)
-    args = _argv(workspace, tmp_path / "out", "--disable_augmentation", "true", "--max_steps", "1",
-                 "--volume_eval_during_training", "false", model=model_dir)
+    args = _argv(
+        workspace,
+        tmp_path / "out",
+        "--disable_augmentation",
+        "true",
+        "--max_steps",
+        "1",
+        "--volume_eval_during_training",
+        "false",
+        model=model_dir,
+    )
     trainer, data = build_trainer(*_parse(args))
     for dataset in (data.train, data.eval):
         pixels = torch.stack([dataset[i]["pixel_values"] for i in range(4)])

@@ -34,7 +34,9 @@ def test_hu_resolution_is_not_quantised_to_8_bit():
 @pytest.mark.parametrize("name", sorted(WINDOW_PRESETS))
 def test_window_presets_map_to_minus_one_one(name):
     level, width = WINDOW_PRESETS[name]
-    hu = np.array([[level - width, level - width / 2, level, level + width / 2, level + width] * 16] * 16, np.float32)
+    hu = np.array(
+        [[level - width, level - width / 2, level, level + width / 2, level + width] * 16] * 16, np.float32
+    )
     out = MedDINOv3ImageProcessor(window=name)(hu)["pixel_values"][0, 0, 0, :5]
     torch.testing.assert_close(out, torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]))
 
@@ -54,7 +56,9 @@ def test_batches_channels_and_nearest_multiple_of_16():
     assert out.shape == (3, 1, 96, 64)
     out3 = MedDINOv3ImageProcessor(num_output_channels=3)(batch.numpy())["pixel_values"]
     assert out3.shape == (3, 3, 96, 64) and torch.equal(out3[:, 0], out3[:, 2])
-    listed = MedDINOv3ImageProcessor(size={"height": 32, "width": 32})([np.zeros((40, 50)), np.zeros((20, 20))])
+    listed = MedDINOv3ImageProcessor(size={"height": 32, "width": 32})(
+        [np.zeros((40, 50)), np.zeros((20, 20))]
+    )
     assert listed["pixel_values"].shape == (2, 1, 32, 32)
 
 

@@ -33,13 +33,20 @@ def reference_vit_forward(sd: dict, x: torch.Tensor, num_heads: int, eps: float,
     RoPE periods/coords/angles/sin/cos in `rope_dtype`, q and k (all tokens) cast to it around the rotation."""
     patch = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
     b, d, h, w = patch.shape
-    tokens = torch.cat([sd["cls_token"].expand(b, -1, -1), sd["storage_tokens"].expand(b, -1, -1),
-                        patch.flatten(2).transpose(1, 2)], dim=1)
+    tokens = torch.cat(
+        [
+            sd["cls_token"].expand(b, -1, -1),
+            sd["storage_tokens"].expand(b, -1, -1),
+            patch.flatten(2).transpose(1, 2),
+        ],
+        dim=1,
+    )
     hd = d // num_heads
     dd = {"dtype": rope_dtype}
     periods = 100.0 ** (2 * torch.arange(hd // 4, **dd) / (hd // 2))
-    coords = torch.stack(torch.meshgrid(torch.arange(0.5, h, **dd) / h, torch.arange(0.5, w, **dd) / w,
-                                        indexing="ij"), dim=-1).flatten(0, 1)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(0.5, h, **dd) / h, torch.arange(0.5, w, **dd) / w, indexing="ij"), dim=-1
+    ).flatten(0, 1)
     coords = 2.0 * coords - 1.0
     angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
     sin, cos = torch.sin(angles), torch.cos(angles)
@@ -60,18 +67,27 @@ def reference_vit_forward(sd: dict, x: torch.Tensor, num_heads: int, eps: float,
         qkv = F.linear(y, sd[p + "attn.qkv.weight"]).reshape(b, n, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
         q, k, v = rope(qkv[0]), rope(qkv[1]), qkv[2]
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        tokens = tokens + sd[p + "ls1.gamma"] * F.linear(attn, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        tokens = tokens + sd[p + "ls1.gamma"] * F.linear(
+            attn, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"]
+        )
         y = F.layer_norm(tokens, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-        y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
-                     sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+            sd[p + "mlp.fc2.weight"],
+            sd[p + "mlp.fc2.bias"],
+        )
         tokens = tokens + sd[p + "ls2.gamma"] * y
     return F.layer_norm(tokens, (d,), sd["norm.weight"], sd["norm.bias"], eps)
 
 
 def test_default_config_is_the_paper_backbone():
     config = MedDINOv3Config()
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (
-        768, 12, 12, 3072)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+    ) == (768, 12, 12, 3072)
     assert config.patch_size == 16 and config.num_register_tokens == 4 and config.layer_norm_eps == 1e-6
     assert not (config.query_bias or config.key_bias or config.value_bias)
     assert config.layerscale_value == 1e-5 and config.rope_theta == 100.0 and config.pos_embed_rescale is None
@@ -80,8 +96,9 @@ def test_default_config_is_the_paper_backbone():
     assert not config.use_gated_mlp and config.hidden_act == "gelu"
 
 
-@pytest.mark.parametrize("bad", [dict(aggregation_layers=[0, 9]), dict(rope_precision="fp16"),
-                                 dict(decoder_hidden_sizes=[8, 8])])
+@pytest.mark.parametrize(
+    "bad", [dict(aggregation_layers=[0, 9]), dict(rope_precision="fp16"), dict(decoder_hidden_sizes=[8, 8])]
+)
 def test_config_rejects_inconsistent_values(bad):
     with pytest.raises(Exception, match="aggregation_layers|rope_precision|decoder_hidden_sizes"):
         tiny_config(**bad)
@@ -112,8 +129,9 @@ def test_backbone_matches_transformers_dinov3(size, attn):
 def test_feature_maps_match_dinov3_backbone_and_intermediate_layers():
     config = tiny_config(aggregation_layers=[1, 3])
     reference = reference_dinov3(config)
-    ref_backbone = DINOv3ViTBackbone(DINOv3ViTConfig(**{**reference.config.to_dict(), "out_features": None,
-                                                      "out_indices": [2, 4]})).eval()
+    ref_backbone = DINOv3ViTBackbone(
+        DINOv3ViTConfig(**{**reference.config.to_dict(), "out_features": None, "out_indices": [2, 4]})
+    ).eval()
     ref_backbone.load_state_dict(reference.state_dict())
     ours = MedDINOv3Backbone(config).eval()
     ours.load_state_dict(reference.state_dict())
@@ -133,8 +151,9 @@ def test_single_channel_input_equals_repeated_channel():
     model = _ours_from_reference(config, reference_dinov3(config))
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x).last_hidden_state, model(x.repeat(1, 3, 1, 1)).last_hidden_state,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(x).last_hidden_state, model(x.repeat(1, 3, 1, 1)).last_hidden_state, atol=1e-5, rtol=0
+        )
     with pytest.raises(ValueError, match="channels"):
         model(torch.randn(1, 2, 32, 32))
 
@@ -144,7 +163,9 @@ def test_rope_modes_reproduce_reference_numerics(precision, dtype):
     config = tiny_config(rope_precision=precision, layer_norm_eps=1e-6)
     reference = reference_dinov3(config)
     model = _ours_from_reference(config, reference)
-    sd = to_reference_names(reference.state_dict(), config.num_hidden_layers, num_heads=config.num_attention_heads)
+    sd = to_reference_names(
+        reference.state_dict(), config.num_hidden_layers, num_heads=config.num_attention_heads
+    )
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         ours = model(x).last_hidden_state
@@ -177,8 +198,13 @@ def test_gradient_checkpointing_gives_same_gradients():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert "meddinov3.embeddings.mask_token" not in plain and len(plain) > 40
     model.zero_grad()
-    model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
-    assert model.meddinov3.model.layer[0].gradient_checkpointing and model.decoder.stages[0].gradient_checkpointing
+    model.activation_checkpointing_enable() if hasattr(
+        model, "activation_checkpointing_enable"
+    ) else model.gradient_checkpointing_enable()
+    assert (
+        model.meddinov3.model.layer[0].gradient_checkpointing
+        and model.decoder.stages[0].gradient_checkpointing
+    )
     model(x, labels=labels).loss.backward()
     for name, grad in plain.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-5)
@@ -190,7 +216,9 @@ def reference_decoder(decoder: MedDINOv3Decoder, features: torch.Tensor) -> torc
     x = features
     for stage in decoder.stages:
         x = stage.upsample(x)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], stage.norm.weight, stage.norm.bias, stage.norm.eps)
+        x = F.layer_norm(
+            x.permute(0, 2, 3, 1), x.shape[1:2], stage.norm.weight, stage.norm.bias, stage.norm.eps
+        )
         x = F.gelu(x.permute(0, 3, 1, 2))
     return decoder.classifier(x)
 
@@ -205,7 +233,9 @@ def test_token_layout_decoder_equals_transposed_convolutions():
             stage.upsample.bias.normal_(0, 0.2)
     features = torch.randn(2, 32 * 4, 3, 5)
     with torch.no_grad():
-        torch.testing.assert_close(decoder(features), reference_decoder(decoder, features), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            decoder(features), reference_decoder(decoder, features), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_segmentation_forward_uses_the_aggregated_blocks():
@@ -277,7 +307,9 @@ def test_training_reduces_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-@pytest.mark.parametrize("bad", [torch.randn(1, 32, 32), torch.randn(1, 1, 30, 32), torch.randn(1, 1, 32, 40)])
+@pytest.mark.parametrize(
+    "bad", [torch.randn(1, 32, 32), torch.randn(1, 1, 30, 32), torch.randn(1, 1, 32, 40)]
+)
 def test_bad_pixel_values_raise_clear_errors(bad):
     model = MedDINOv3ForSemanticSegmentation(tiny_config()).eval()
     with pytest.raises(ValueError, match="4-D|multiples of the patch size"):
@@ -302,7 +334,9 @@ def test_round_trips_through_every_auto_class(tmp_path):
         torch.testing.assert_close(seg(x).logits, model(x).logits)
         torch.testing.assert_close(backbone(x).last_hidden_state, model.meddinov3(x).last_hidden_state)
         maps = feature_backbone(x).feature_maps
-        torch.testing.assert_close(torch.cat(maps, 1), torch.cat(model.meddinov3.get_intermediate_layers(x, [0, 1, 2, 3]), 1))
+        torch.testing.assert_close(
+            torch.cat(maps, 1), torch.cat(model.meddinov3.get_intermediate_layers(x, [0, 1, 2, 3]), 1)
+        )
     # a backbone folder → a segmentation model with a fresh decoder and the same encoder
     backbone.save_pretrained(tmp_path / "backbone")
     fresh, info = AutoModelForSemanticSegmentation.from_pretrained(
@@ -318,4 +352,9 @@ def test_auto_backbone_class_is_registered():
 
     assert MODEL_FOR_BACKBONE_MAPPING[MedDINOv3Config] is MedDINOv3Backbone
     backbone = AutoBackbone.from_config(tiny_config())
-    assert isinstance(backbone, MedDINOv3Backbone) and backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
+    assert isinstance(backbone, MedDINOv3Backbone) and backbone.out_features == [
+        "stage1",
+        "stage2",
+        "stage3",
+        "stage4",
+    ]

@@ -105,10 +105,9 @@ def test_sinkhorn_two_processes_equal_single_process(tmp_path):
     full_empty = torch.randn(9, 24, generator=gen)  # iBOT: no masked patch on rank 1
     cases = [(full_even, 16), (full_uneven, 5), (full_empty, 9)]
     shards = [[full[:cut], full[cut:]] for full, cut in cases]
-    # fork avoids re-importing transformers in each child (~6 s each); spawn where fork is unavailable.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: forking a process whose torch/OpenMP thread pools already ran can deadlock.
     args = (2, _free_port(), shards, str(tmp_path))
-    mp.start_processes(_sinkhorn_worker, args=args, nprocs=2, join=True, start_method=method)
+    mp.start_processes(_sinkhorn_worker, args=args, nprocs=2, join=True, start_method="spawn")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for i, (full, cut) in enumerate(cases):
         combined = torch.cat([per_rank[0][i], per_rank[1][i]])

@@ -51,7 +51,9 @@ AFFINES = {
     "permuted": np.array([[0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, -0.9, 0, 0], [0, 0, 0, 1.0]]),
 }
 _c, _s = np.cos(0.35), np.sin(0.35)
-AFFINES["oblique"] = np.array([[0.8 * _c, -0.9 * _s, 0, 1], [0.8 * _s, 0.9 * _c, 0, 2], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+AFFINES["oblique"] = np.array(
+    [[0.8 * _c, -0.9 * _s, 0, 1], [0.8 * _s, 0.9 * _c, 0, 2], [0, 0, 2.5, 3], [0, 0, 0, 1]]
+)
 
 
 @pytest.mark.parametrize("name", sorted(AFFINES))
@@ -124,7 +126,9 @@ def test_memory_is_bounded_per_chunk(monkeypatch):
     assert max(c.stop - c.start for c in chunks) * 2 * 512 * 512 <= 64 * 1024 * 1024
     assert chunks[0].start == 0 and chunks[-1].stop == 1000
     monkeypatch.setattr(inference, "_MEMMAP_THRESHOLD", 10)
-    volume = load_volume(_scan((8, 20, 20)).astype(np.float32).transpose(2, 1, 0).copy(), spacing=(1.0, 1.0, 1.0))
+    volume = load_volume(
+        _scan((8, 20, 20)).astype(np.float32).transpose(2, 1, 0).copy(), spacing=(1.0, 1.0, 1.0)
+    )
     result = segmenter.segment(volume, return_probabilities=True)
     assert isinstance(result.probabilities, np.memmap) and result.probabilities.dtype == np.float16
     np.testing.assert_allclose(result.probabilities.astype(np.float32).sum(0), 1.0, atol=1e-3)
@@ -148,8 +152,22 @@ def _write_scan(path, affine=AFFINES["LPS"], shape=(37, 29, 6)):
 def test_cli_segment_file_with_probabilities(tmp_path, model_dir):
     scan = _write_scan(tmp_path / "scan.nii.gz")
     before = scan.read_bytes()
-    code = cli_main(["segment", "-i", str(scan), "-o", str(tmp_path / "out" / "seg.nii.gz"), "--model",
-                     str(model_dir), "--tta", "--save-probabilities", "--quiet", "--batch-size", "2"])
+    code = cli_main(
+        [
+            "segment",
+            "-i",
+            str(scan),
+            "-o",
+            str(tmp_path / "out" / "seg.nii.gz"),
+            "--model",
+            str(model_dir),
+            "--tta",
+            "--save-probabilities",
+            "--quiet",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0 and scan.read_bytes() == before
     labels = nib.load(tmp_path / "out" / "seg.nii.gz")
     assert labels.shape == (37, 29, 6) and labels.get_data_dtype() == np.uint8
@@ -163,11 +181,33 @@ def test_cli_segment_folder_and_evaluate(tmp_path, model_dir, capsys):
     (tmp_path / "in").mkdir()
     for i in range(2):
         _write_scan(tmp_path / "in" / f"case{i}_0000.nii.gz")
-    assert cli_main(["segment", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "pred"), "--model",
-                     str(model_dir), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                "-i",
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "pred"),
+                "--model",
+                str(model_dir),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
-    code = cli_main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "pred"), "-o",
-                     str(tmp_path / "metrics.json")])
+    code = cli_main(
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--gt",
+            str(tmp_path / "pred"),
+            "-o",
+            str(tmp_path / "metrics.json"),
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mean"]["mean"]["dice"] == pytest.approx(1.0)
@@ -178,10 +218,38 @@ def test_cli_segment_on_two_processes(tmp_path, model_dir):
     (tmp_path / "in").mkdir()
     for i in range(3):
         _write_scan(tmp_path / "in" / f"c{i}.nii.gz")
-    assert cli_main(["segment", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "one"), "--model",
-                     str(model_dir), "--quiet"]) == 0
-    assert cli_main(["segment", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "two"), "--model",
-                     str(model_dir), "--device", "cpu,cpu", "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                "-i",
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "one"),
+                "--model",
+                str(model_dir),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "segment",
+                "-i",
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "two"),
+                "--model",
+                str(model_dir),
+                "--device",
+                "cpu,cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for i in range(3):
         a = np.asanyarray(nib.load(tmp_path / "one" / f"c{i}.nii.gz").dataobj)
         b = np.asanyarray(nib.load(tmp_path / "two" / f"c{i}.nii.gz").dataobj)
@@ -211,8 +279,21 @@ def test_cli_dicom_series_input(tmp_path, model_dir):
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.PixelData = (np.random.default_rng(z).integers(0, 1800, (24, 20))).astype(np.int16).tobytes()
         ds.save_as(tmp_path / "dicom" / f"{z}.dcm", enforce_file_format=True)
-    assert cli_main(["segment", "-i", str(tmp_path / "dicom"), "-o", str(tmp_path / "seg.nii.gz"), "--model",
-                     str(model_dir), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                "-i",
+                str(tmp_path / "dicom"),
+                "-o",
+                str(tmp_path / "seg.nii.gz"),
+                "--model",
+                str(model_dir),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     volume = load_volume(tmp_path / "dicom")
     saved = nib.load(tmp_path / "seg.nii.gz")
     np.testing.assert_allclose(saved.affine, volume.affine, atol=1e-5)
@@ -262,7 +343,9 @@ def test_cli_segment_bad_input(tmp_path, model_dir, capsys, case, match):
 def test_cli_evaluate_shape_mismatch(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "a.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 5), np.uint8), np.eye(4)), tmp_path / "b.nii.gz")
-    assert cli_main(["evaluate", "--pred", str(tmp_path / "a.nii.gz"), "--gt", str(tmp_path / "b.nii.gz")]) != 0
+    assert (
+        cli_main(["evaluate", "--pred", str(tmp_path / "a.nii.gz"), "--gt", str(tmp_path / "b.nii.gz")]) != 0
+    )
     err = capsys.readouterr().err
     assert "a.nii.gz" in err and "b.nii.gz" in err
 
@@ -274,17 +357,61 @@ def test_cli_pictures(tmp_path, model_dir):
     labels = np.zeros((37, 29, 6), np.uint8)
     labels[5:12, 3:9, 1:4] = 1
     nib.save(nib.Nifti1Image(labels, AFFINES["LPS"]), tmp_path / "labels.nii.gz")
-    assert cli_main(["overlay", "-i", str(scan), "--labels", str(tmp_path / "labels.nii.gz"), "-o",
-                     str(tmp_path / "overlay.png"), "--names", "1=bone"]) == 0
+    assert (
+        cli_main(
+            [
+                "overlay",
+                "-i",
+                str(scan),
+                "--labels",
+                str(tmp_path / "labels.nii.gz"),
+                "-o",
+                str(tmp_path / "overlay.png"),
+                "--names",
+                "1=bone",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "overlay.png") as picture:
         image = np.asarray(picture)
     assert image.ndim == 3 and (image[..., 0] > image[..., 1] + 40).any()  # red label pixels present
-    assert cli_main(["features", "-i", str(scan), "--model", str(model_dir), "-o", str(tmp_path / "pca.png"),
-                     "--size", "64", "--slice", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "features",
+                "-i",
+                str(scan),
+                "--model",
+                str(model_dir),
+                "-o",
+                str(tmp_path / "pca.png"),
+                "--size",
+                "64",
+                "--slice",
+                "2",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "pca.png") as pca:
         assert pca.size == (128, 64)
-    assert cli_main(["features", "-i", str(scan), "--model", str(model_dir), "-o", str(tmp_path / "x.png"),
-                     "--slice", "99"]) == 2
+    assert (
+        cli_main(
+            [
+                "features",
+                "-i",
+                str(scan),
+                "--model",
+                str(model_dir),
+                "-o",
+                str(tmp_path / "x.png"),
+                "--slice",
+                "99",
+            ]
+        )
+        == 2
+    )
 
 
 def test_plan_jobs_validation(tmp_path):

@@ -28,7 +28,7 @@ AutoBackbone.register(MedDINOv3Config, MedDINOv3Backbone, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MedDINOv3Config, MedDINOv3ForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(MedDINOv3Config, MedDINOv3ImageProcessor, exist_ok=True)
 
-from . import pipelines as _pipelines  # noqa: E402  (registers the pipelines; needs the classes above)
+from . import pipelines as _pipelines  # noqa: E402, F401  (registers the pipelines; needs the classes above)
 
 __version__ = "0.1.0"
 

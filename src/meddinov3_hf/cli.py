@@ -29,7 +29,9 @@ def _labels_arg(text: str) -> dict[int, str]:
     try:
         return {int(k): v for k, v in (item.split("=", 1) for item in text.split(","))}
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"labels must be 'ID=NAME,...' or a JSON file, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"labels must be 'ID=NAME,...' or a JSON file, got {text!r}"
+        ) from err
 
 
 # -- convert -------------------------------------------------------------------------------------------------
@@ -37,11 +39,19 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a MedDINOv3 / DINOv3 / nnU-Net checkpoint to a model folder")
     p.add_argument("source", help="checkpoint file (.pth) or transformers DINOv3 folder")
     p.add_argument("output", help="output folder")
-    p.add_argument("--format", choices=["meddinov3", "dinov3", "transformers", "nnunet"], default=None,
-                   help="source format (default: detected)")
+    p.add_argument(
+        "--format",
+        choices=["meddinov3", "dinov3", "transformers", "nnunet"],
+        default=None,
+        help="source format (default: detected)",
+    )
     p.add_argument("--blocks", type=_int_list, default=[2, 5, 8, 11], help="aggregated blocks (0-based)")
-    p.add_argument("--rope-precision", choices=["bf16", "fp32"], default=None,
-                   help="RoPE numerics (default: bf16 for reference-code checkpoints, fp32 for transformers ones)")
+    p.add_argument(
+        "--rope-precision",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="RoPE numerics (default: bf16 for reference-code checkpoints, fp32 for transformers ones)",
+    )
     p.add_argument("--layer-norm-eps", type=float, default=None)
     p.add_argument("--labels", type=_labels_arg, default=None, help="ID=NAME,... or a dataset.json (nnU-Net)")
     p.set_defaults(func=_run_convert)
@@ -59,9 +69,15 @@ def _run_convert(args) -> int:
         layer_norm_eps=args.layer_norm_eps,
         id2label=args.labels,
     )
-    kind = "segmentation model" if result.config.architectures and "Seg" in result.config.architectures[0] else "backbone"
-    print(f"converted {args.source} ({result.source_format}) → {result.output_dir} [{kind}, "
-          f"RoPE {result.config.rope_precision}, dropped {len(result.dropped_keys)} head keys]")
+    kind = (
+        "segmentation model"
+        if result.config.architectures and "Seg" in result.config.architectures[0]
+        else "backbone"
+    )
+    print(
+        f"converted {args.source} ({result.source_format}) → {result.output_dir} [{kind}, "
+        f"RoPE {result.config.rope_precision}, dropped {len(result.dropped_keys)} head keys]"
+    )
     return 0
 
 
@@ -69,10 +85,15 @@ def _run_convert(args) -> int:
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment CT volumes (NIfTI file, DICOM folder or folder of NIfTI)")
     p.add_argument("-i", "--input", required=True)
-    p.add_argument("-o", "--output", required=True, help="label .nii.gz (one volume) or folder (a folder input)")
+    p.add_argument(
+        "-o", "--output", required=True, help="label .nii.gz (one volume) or folder (a folder input)"
+    )
     p.add_argument("--model", required=True, help="segmentation model folder")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1, or a comma list (cuda:0,cuda:1) for one case per device")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, or a comma list (cuda:0,cuda:1) for one case per device",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA")
     p.add_argument("--save-probabilities", action="store_true")
@@ -87,7 +108,9 @@ def _run_segment(args) -> int:
 
     devices = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(",")
     jobs = plan_jobs(args.input, args.output, save_probabilities=args.save_probabilities)
-    errors = run_jobs_on_devices(jobs, args.model, devices, args.batch_size, args.tta, progress=not args.quiet)
+    errors = run_jobs_on_devices(
+        jobs, args.model, devices, args.batch_size, args.tta, progress=not args.quiet
+    )
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     if not args.quiet:
@@ -116,7 +139,9 @@ def _run_evaluate(args) -> int:
     mean = results.get("mean", {})
     for name, values in mean.items() if isinstance(mean, dict) else []:
         if isinstance(values, dict):
-            print(f"{name:>20}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
+            print(
+                f"{name:>20}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+            )
         elif isinstance(values, float):
             print(f"{name:>20}: {values:.4f}")
     return 0
@@ -141,7 +166,9 @@ def _add_pictures(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="PNG path")
     p.add_argument("--slice", type=int, default=None, help="axial slice (default: most labelled voxels)")
     p.add_argument("--window", default="abdomen")
-    p.add_argument("--names", type=_labels_arg, default=None, help="ID=NAME,... or dataset.json / model config")
+    p.add_argument(
+        "--names", type=_labels_arg, default=None, help="ID=NAME,... or dataset.json / model config"
+    )
     p.set_defaults(func=_run_overlay)
 
 
@@ -163,7 +190,9 @@ def _run_features(args) -> int:
     index = _pick_slice(volume.hu.shape[0], args.slice, args.input)
     model = AutoModel.from_pretrained(args.model).to(args.device).eval()
     processor = MedDINOv3ImageProcessor.from_pretrained(args.model)
-    image = feature_pca_image(model, processor, volume.hu[index], size=args.size, layer=args.layer, window=args.window)
+    image = feature_pca_image(
+        model, processor, volume.hu[index], size=args.size, layer=args.layer, window=args.window
+    )
     save_png(image, args.output)
     print(f"wrote {args.output} (slice {index})")
     return 0
@@ -179,14 +208,18 @@ def _run_overlay(args) -> int:
     volume = load_volume(args.input)
     stored, _ = read_label_array(args.labels)
     if tuple(stored.shape) != volume.original_shape:
-        raise ValueError(f"{args.labels}: shape {stored.shape} differs from {args.input} {volume.original_shape}")
+        raise ValueError(
+            f"{args.labels}: shape {stored.shape} differs from {args.input} {volume.original_shape}"
+        )
     labels = volume.to_canonical(stored)
     if args.slice is None:
         index = int(np.argmax((labels > 0).reshape(labels.shape[0], -1).sum(1)))
     else:
         index = _pick_slice(volume.hu.shape[0], args.slice, args.input)
     names = args.names
-    image = overlay_image(volume.hu[index], labels[index], names, window=args.window, spacing_yx=volume.spacing[1:])
+    image = overlay_image(
+        volume.hu[index], labels[index], names, window=args.window, spacing_yx=volume.spacing[1:]
+    )
     save_png(image, args.output)
     print(f"wrote {args.output} (slice {index})")
     return 0
@@ -217,8 +250,9 @@ def _add_delegated(sub) -> None:
     ct3m.add_build_ct3m_arguments(p)
     p.set_defaults(func=ct3m.run_build_ct3m)
 
-    p = sub.add_parser("finetune", help="fine-tune on an nnU-Net-format dataset (Trainer flags apply)",
-                       add_help=False)
+    p = sub.add_parser(
+        "finetune", help="fine-tune on an nnU-Net-format dataset (Trainer flags apply)", add_help=False
+    )
     p.set_defaults(func=None, passthrough="finetune")
     p = sub.add_parser("pretrain", help="domain-adaptive pretraining (see training/configs)", add_help=False)
     p.set_defaults(func=None, passthrough="pretrain")
@@ -243,9 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_finetune(argv[1:])
     if argv and argv[0] == "pretrain":
-        from .pretraining.loop import main as pretrain_main
+        from .pretraining.loop import add_pretrain_arguments, run_pretrain
 
-        return pretrain_main(argv[1:])
+        parser = argparse.ArgumentParser(prog="meddinov3 pretrain", description="domain-adaptive pretraining")
+        add_pretrain_arguments(parser)
+        # Intermixed: dotted `section.key=value` overrides may come before or after options.
+        return run_pretrain(parser.parse_intermixed_args(argv[1:]))
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:

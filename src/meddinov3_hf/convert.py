@@ -77,7 +77,9 @@ def _load_torch_file(path: Path) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle with arbitrary objects, not a torch file...
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint with weights_only=True ({err})") from err
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint with weights_only=True ({err})"
+        ) from err
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -135,7 +137,9 @@ def reference_to_hf(
             out[target + new] = state.pop(prefix + name)
         qkv = state.pop(prefix + "attn.qkv.weight", None)
         if qkv is None or qkv.shape != (3 * hidden, hidden):
-            raise CheckpointError(f"{source}: {prefix}attn.qkv.weight missing or not of shape (3·{hidden}, {hidden})")
+            raise CheckpointError(
+                f"{source}: {prefix}attn.qkv.weight missing or not of shape (3·{hidden}, {hidden})"
+            )
         for part, chunk in zip("qkv", qkv.chunk(3)):
             out[f"{target}attention.{part}_proj.weight"] = chunk.clone()
         qkv_bias = state.pop(prefix + "attn.qkv.bias", None)
@@ -145,7 +149,9 @@ def reference_to_hf(
                 qkv_bias = qkv_bias * mask.to(qkv_bias.dtype)
             for part, chunk in zip("qkv", qkv_bias.chunk(3)):
                 if part == "k" and not chunk.abs().max() == 0:
-                    raise CheckpointError(f"{source}: {prefix}attn.qkv.bias has a non-zero key bias (unsupported)")
+                    raise CheckpointError(
+                        f"{source}: {prefix}attn.qkv.bias has a non-zero key bias (unsupported)"
+                    )
                 if part != "k":
                     out[f"{target}attention.{part}_proj.bias"] = chunk.clone()
             bias.update(query_bias=True, value_bias=True)
@@ -180,7 +186,9 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, t
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _decoder_from_reference(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], int]:
+def _decoder_from_reference(
+    state: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], int]:
     """`up_projection.decode.{0..3}.{0,1}.*` and `.4.*` → `decoder.stages.*` / `decoder.classifier.*`."""
     out = {}
     stage_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"(\d+)\.", k))})
@@ -247,9 +255,25 @@ def convert_checkpoint(
         if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
             raise CheckpointError(f"{source}: loading the DINOv3 checkpoint was incomplete: {info}")
         backbone_state = reference.state_dict()
-        keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
-                "layer_norm_eps", "rope_theta", "num_channels", "query_bias", "key_bias", "value_bias",
-                "proj_bias", "mlp_bias", "layerscale_value", "use_gated_mlp", "num_register_tokens", "patch_size")
+        keep = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_act",
+            "layer_norm_eps",
+            "rope_theta",
+            "num_channels",
+            "query_bias",
+            "key_bias",
+            "value_bias",
+            "proj_bias",
+            "mlp_bias",
+            "layerscale_value",
+            "use_gated_mlp",
+            "num_register_tokens",
+            "patch_size",
+        )
         architecture = {k: getattr(src_config, k) for k in keep}
         periods = None
     else:
@@ -260,7 +284,9 @@ def convert_checkpoint(
         if fmt == "meddinov3":
             teacher = checkpoint["teacher"]
             dropped = sorted(k for k in teacher if k.startswith(("dino_head.", "ibot_head.")))
-            unknown = sorted(k for k in teacher if not k.startswith(("backbone.", "dino_head.", "ibot_head.")))
+            unknown = sorted(
+                k for k in teacher if not k.startswith(("backbone.", "dino_head.", "ibot_head."))
+            )
             if unknown:
                 raise CheckpointError(f"{source}: unexpected keys in 'teacher': {unknown[:12]}")
             raw = _strip_prefix(teacher, "backbone.")
@@ -268,16 +294,22 @@ def convert_checkpoint(
             raw = dict(checkpoint)
         else:  # nnunet
             weights = {k.replace("_orig_mod.", "", 1): v for k, v in checkpoint["network_weights"].items()}
-            unknown = sorted(k for k in weights if not k.startswith(("dino_encoder.", "up_projection.decode.")))
+            unknown = sorted(
+                k for k in weights if not k.startswith(("dino_encoder.", "up_projection.decode."))
+            )
             if unknown:
                 raise CheckpointError(f"{source}: unexpected keys in network_weights: {unknown[:12]}")
             raw = _strip_prefix(weights, "dino_encoder.")
-            decoder_state, num_labels = _decoder_from_reference(_strip_prefix(weights, "up_projection.decode."), source)
+            decoder_state, num_labels = _decoder_from_reference(
+                _strip_prefix(weights, "up_projection.decode."), source
+            )
             config_extra["decoder_hidden_sizes"] = [
                 decoder_state[f"decoder.stages.{s}.upsample.weight"].shape[1]
                 for s in range(len([k for k in decoder_state if k.endswith("upsample.weight")]))
             ]
-            labels = id2label or _labels_from_nnunet(checkpoint) or {i: f"class_{i}" for i in range(num_labels)}
+            labels = (
+                id2label or _labels_from_nnunet(checkpoint) or {i: f"class_{i}" for i in range(num_labels)}
+            )
             if len(labels) != num_labels or sorted(labels) != list(range(num_labels)):
                 raise CheckpointError(
                     f"{source}: the decoder predicts {num_labels} classes but the labels are {dict(labels)}"
@@ -312,7 +344,9 @@ def convert_checkpoint(
         state = backbone_state
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{source}: conversion left missing keys {missing} and unexpected keys {unexpected}")
+        raise CheckpointError(
+            f"{source}: conversion left missing keys {missing} and unexpected keys {unexpected}"
+        )
 
     _write_folder(model, state, output_dir, fmt, source, model_name)
     return ConversionResult(output_dir=output_dir, source_format=fmt, config=config, dropped_keys=dropped)

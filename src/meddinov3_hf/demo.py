@@ -26,15 +26,15 @@ DEMO_MODEL = dict(
     num_attention_heads=4,
     intermediate_size=192,
     aggregation_layers=[0, 1, 2, 3],
-    decoder_hidden_sizes=[96, 64, 48, 32],
+    decoder_hidden_sizes=[96, 64, 32],
     layerscale_value=0.1,
-    patch_size=16,
+    patch_size=8,
     image_size=96,
 )
 DEMO_SHAPE = (20, 96, 96)  # (Z, Y, X) voxels
 DEMO_SPACING = (3.0, 1.5, 1.5)  # mm
-DEMO_CASES = 8
-DEMO_STEPS = 400
+DEMO_CASES = 10
+DEMO_STEPS = 800
 PASS_DICE = 0.8
 
 
@@ -43,7 +43,9 @@ def _log(quiet: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def run_demo(output_dir: str | os.PathLike, seed: int = 0, steps: int | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | os.PathLike, seed: int = 0, steps: int | None = None, quiet: bool = False
+) -> dict[str, Any]:
     """Run the demo; returns {"passed", "mean_dice", "metrics", "paths", "seconds"}."""
     import torch
 
@@ -63,9 +65,16 @@ def run_demo(output_dir: str | os.PathLike, seed: int = 0, steps: int | None = N
     torch.manual_seed(seed)
     steps = DEMO_STEPS if steps is None else steps
 
-    _log(quiet, f"[1/4] synthetic CT: {DEMO_CASES} training volumes {DEMO_SHAPE} + 1 held-out → {out / 'data'}")
-    dataset = write_nnunet_dataset(out / "data" / "Dataset001_SyntheticCT", n_cases=DEMO_CASES, shape=DEMO_SHAPE,
-                                   spacing=DEMO_SPACING, seed=seed)
+    _log(
+        quiet, f"[1/4] synthetic CT: {DEMO_CASES} training volumes {DEMO_SHAPE} + 1 held-out → {out / 'data'}"
+    )
+    dataset = write_nnunet_dataset(
+        out / "data" / "Dataset001_SyntheticCT",
+        n_cases=DEMO_CASES,
+        shape=DEMO_SHAPE,
+        spacing=DEMO_SPACING,
+        seed=seed,
+    )
     hu, labels = make_synthetic_ct(DEMO_SHAPE, DEMO_SPACING, seed=seed * 1000 + 999)
     held_out = load_volume(hu.astype(np.float32), spacing=DEMO_SPACING)
     (out / "heldout").mkdir(exist_ok=True)
@@ -83,14 +92,50 @@ def run_demo(output_dir: str | os.PathLike, seed: int = 0, steps: int | None = N
     MedDINOv3ImageProcessor().save_pretrained(init)
     model_dir = out / "model"
     argv = [
-        "--dataset", str(dataset), "--model", str(init), "--output_dir", str(model_dir), "--fold", "all",
-        "--patch_size", "96", "--target_spacing", str(DEMO_SPACING[1]), "--max_steps", str(steps),
-        "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--backbone_learning_rate", "1e-3",
-        "--warmup_steps", "0", "--drop_path_rate", "0.0", "--seed", str(seed), "--report_to", "none",
-        "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", str(max(1, steps // 10)),
-        "--volume_eval_during_training", "false", "--dataloader_num_workers", "0",
-        "--slice_cache_dir", str(out / "cache"), "--model_name", "meddinov3-demo",
-        "--disable_tqdm", "true" if quiet else "false",
+        "--dataset",
+        str(dataset),
+        "--model",
+        str(init),
+        "--output_dir",
+        str(model_dir),
+        "--fold",
+        "0",
+        "--patch_size",
+        "96",
+        "--target_spacing",
+        str(DEMO_SPACING[1]),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "2e-3",
+        "--backbone_learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--drop_path_rate",
+        "0.0",
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        str(max(1, steps // 10)),
+        "--volume_eval_during_training",
+        "false",
+        "--dataloader_num_workers",
+        "0",
+        "--slice_cache_dir",
+        str(out / "cache"),
+        "--model_name",
+        "meddinov3-demo",
+        "--disable_tqdm",
+        "true" if quiet else "false",
     ]
     code = run_finetune(argv)
     if code != 0:
@@ -98,7 +143,9 @@ def run_demo(output_dir: str | os.PathLike, seed: int = 0, steps: int | None = N
 
     _log(quiet, "[3/4] segmenting the held-out volume (NIfTI → NIfTI)")
     prediction = out / "heldout_prediction.nii.gz"
-    errors = run_jobs(plan_jobs(scan_path, prediction), model_dir, device="cpu", batch_size=8, progress=not quiet)
+    errors = run_jobs(
+        plan_jobs(scan_path, prediction), model_dir, device="cpu", batch_size=8, progress=not quiet
+    )
     if errors:
         raise RuntimeError("; ".join(errors))
 
@@ -124,9 +171,17 @@ def run_demo(output_dir: str | os.PathLike, seed: int = 0, steps: int | None = N
                 print(f"  {name:>10}: {values['dice']:.3f} / {values['hd95']:.2f} / {values['nsd']:.3f}")
         verdict = "PASS" if mean_dice >= PASS_DICE else "FAIL"
         print(f"  mean Dice {mean_dice:.3f} (≥ {PASS_DICE} expected): {verdict}   [{seconds:.0f} s]")
-        print(f"outputs: {prediction}, {out / 'heldout_overlay.png'}, {out / 'metrics.json'}, model in {model_dir}")
-    summary = {"passed": mean_dice >= PASS_DICE, "mean_dice": mean_dice, "seconds": seconds,
-               "metrics": str(out / "metrics.json"), "prediction": str(prediction),
-               "overlay": str(out / "heldout_overlay.png"), "model": str(model_dir)}
+        print(
+            f"outputs: {prediction}, {out / 'heldout_overlay.png'}, {out / 'metrics.json'}, model in {model_dir}"
+        )
+    summary = {
+        "passed": mean_dice >= PASS_DICE,
+        "mean_dice": mean_dice,
+        "seconds": seconds,
+        "metrics": str(out / "metrics.json"),
+        "prediction": str(prediction),
+        "overlay": str(out / "heldout_overlay.png"),
+        "model": str(model_dir),
+    }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -67,7 +67,9 @@ def render_model_card(
         labels = "| id | label |\n|---|---|\n" + labels
     if metrics:
         rows = "\n".join(
-            f"| {name} | " + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in ("dice", "hd95", "nsd")) + " |"
+            f"| {name} | "
+            + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in ("dice", "hd95", "nsd"))
+            + " |"
             for name, values in metrics.items()
         )
         evaluation = f"Whole-volume validation{f' on {dataset_name}' if dataset_name else ''} (HD95 in mm, NSD at 1 mm):\n\n| class | Dice | HD95 | NSD |\n|---|---|---|---|\n{rows}"
@@ -87,7 +89,11 @@ def render_model_card(
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_registers=config.num_register_tokens,
-        head_description=(f"; decoder widths {config.decoder_hidden_sizes}, {config.num_labels} classes" if is_segmentation else ""),
+        head_description=(
+            f"; decoder widths {config.decoder_hidden_sizes}, {config.num_labels} classes"
+            if is_segmentation
+            else ""
+        ),
         rope_precision=config.rope_precision,
         clip_range=list(clip),
         image_mean=getattr(processor, "image_mean", 65.1084213256836),

@@ -42,7 +42,9 @@ class MedDINOv3Embeddings(DINOv3ViTEmbeddings):
     """CLS + register + patch tokens. Accepts `num_channels` or 1 input channel (CT): for one channel the
     patch kernel is summed over its input channels, exactly what repeating the channel would compute."""
 
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         conv = self.patch_embeddings
         if pixel_values.shape[1] == 1 and conv.in_channels != 1:
             weight = conv.weight.sum(dim=1, keepdim=True)
@@ -80,7 +82,9 @@ class MedDINOv3RopePositionEmbedding(DINOv3ViTRopePositionEmbedding):
         if self.precision == "fp32":
             cos, sin = super().forward(pixel_values)
             return cos.float(), sin.float()
-        patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+        patch = (
+            self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+        )
         height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
         bf16 = {"dtype": torch.bfloat16, "device": pixel_values.device}
         # Same op order as the reference so that every intermediate is rounded identically.
@@ -127,7 +131,9 @@ class MedDINOv3Attention(DINOv3ViTAttention):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rope_in_table_dtype(query, key, cos, sin)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         output, weights = attention(
             self,
             query,
@@ -217,9 +223,7 @@ class MedDINOv3Model(MedDINOv3PreTrainedModel, DINOv3ViTModel):
             hidden = layer(hidden, position_embeddings=position_embeddings)
             if index in wanted:
                 outputs[index] = self.norm(hidden[:, -height * width :])
-        return tuple(
-            outputs[i].transpose(1, 2).reshape(hidden.shape[0], -1, height, width) for i in layers
-        )
+        return tuple(outputs[i].transpose(1, 2).reshape(hidden.shape[0], -1, height, width) for i in layers)
 
 
 class MedDINOv3Backbone(MedDINOv3PreTrainedModel, DINOv3ViTBackbone):
@@ -336,7 +340,9 @@ def segmentation_loss(
     invalid = valid & ((labels < 0) | (labels >= num_labels))
     if invalid.any():
         found = sorted(set(labels[invalid].unique().tolist()))[:10]
-        raise ValueError(f"labels contain values {found} outside [0, {num_labels}) (ignore_index={ignore_index})")
+        raise ValueError(
+            f"labels contain values {found} outside [0, {num_labels}) (ignore_index={ignore_index})"
+        )
     logits = logits.float()
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index) if valid.any() else logits.sum() * 0
     probs = logits.softmax(dim=1) * valid.unsqueeze(1)

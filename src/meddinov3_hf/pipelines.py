@@ -77,7 +77,9 @@ class CTVolumeSegmentationPipeline(Pipeline):
         volume = inputs if isinstance(inputs, CTVolume) else load_volume(inputs, spacing=spacing)
         return {"volume": volume}
 
-    def _forward(self, model_inputs: dict, tta: bool = False, batch_size: int = 8, return_probabilities=False):
+    def _forward(
+        self, model_inputs: dict, tta: bool = False, batch_size: int = 8, return_probabilities=False
+    ):
         from .volumes.inference import VolumeSegmenter
 
         segmenter = VolumeSegmenter(self.model, self.image_processor, batch_size=batch_size, tta=tta)

@@ -15,9 +15,24 @@ from .volumes.io import atomic_path
 
 # Distinct colours for labels 1..N (label 0 = background stays transparent).
 PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
 ]
 
 
@@ -109,7 +124,9 @@ def feature_pca_image(
     pixels = processor.normalize(processor.resize_hu(hu, target))[None, None].to(device)
     (features,) = backbone.get_intermediate_layers(pixels, [layer])
     rgb = Image.fromarray(pca_rgb(features[0].cpu()))
-    ct = Image.fromarray(window_to_uint8(hu_slice, window)).convert("RGB").resize(target[::-1], Image.BILINEAR)
+    ct = (
+        Image.fromarray(window_to_uint8(hu_slice, window)).convert("RGB").resize(target[::-1], Image.BILINEAR)
+    )
     rgb = rgb.resize(ct.size, Image.NEAREST)
     canvas = Image.new("RGB", (ct.width * 2, ct.height))
     canvas.paste(ct, (0, 0))

@@ -242,6 +242,14 @@ def _decode_example(example: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tu
 # --------------------------------------------------------------------------------------------------------
 
 
+# Every augmentation probability at zero: resampling and random crops only.
+NO_AUGMENTATION: dict[str, float] = {
+    name: 0.0
+    for name in ("p_rotation", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres",
+                 "p_gamma", "p_gamma_inverted", "p_mirror")
+}  # fmt: skip
+
+
 class SegmentationTrainTransform:
     """nnU-Net-style 2-D training augmentation of one axial CT slice → one normalised patch.
 

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.augment import SegmentationEvalTransform, SegmentationTrainTransform, sample_generator
+from ..data.augment import (
+    NO_AUGMENTATION,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    sample_generator,
+)
 
 __all__ = [
     "EpochSampler",
@@ -29,20 +34,6 @@ __all__ = [
     "select_cases",
     "working_spacing",
 ]
-
-# Probabilities of the nnU-Net 2-D augmentations; all zero with `augment=False` (random crops only).
-_NO_AUGMENTATION = dict(
-    p_rotation=0.0,
-    p_scale=0.0,
-    p_noise=0.0,
-    p_blur=0.0,
-    p_brightness=0.0,
-    p_contrast=0.0,
-    p_lowres=0.0,
-    p_gamma=0.0,
-    p_gamma_inverted=0.0,
-    p_mirror=0.0,
-)
 
 
 def select_cases(slices: datasets.Dataset, case_ids: Sequence[str]) -> datasets.Dataset:
@@ -104,7 +95,7 @@ class TrainSliceDataset(Dataset):
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.oversample_foreground = float(oversample_foreground)
-        extra = {} if augment else _NO_AUGMENTATION
+        extra = {} if augment else NO_AUGMENTATION
         # Two transforms so that the oversampling decision is made once, here, not again in the transform.
         self.foreground_transform = SegmentationTrainTransform(
             patch_size, target_spacing, oversample_foreground=1.0, **extra

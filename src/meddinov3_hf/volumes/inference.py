@@ -91,7 +91,11 @@ class VolumeSegmenter:
             else:
                 tile_size = getattr(model.config, "image_size", 896)
         self.tile = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(int(t) for t in tile_size)
-        patch = model.config.patch_size if isinstance(model.config.patch_size, int) else model.config.patch_size[0]
+        patch = (
+            model.config.patch_size
+            if isinstance(model.config.patch_size, int)
+            else model.config.patch_size[0]
+        )
         if self.tile[0] % patch or self.tile[1] % patch:
             raise ValueError(f"tile size {self.tile} must be a multiple of the patch size {patch}")
         self.step = step
@@ -114,7 +118,9 @@ class VolumeSegmenter:
         """(n, 1, h, w) → (n, K, h, w) float32 logits, averaged over mirrorings when `tta`."""
         flips = [(), (2,), (3,), (2, 3)] if self.tta else [()]
         total = None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
             for dims in flips:
                 x = tiles.flip(dims) if dims else tiles
                 logits = self.model(pixel_values=x).logits.float()
@@ -123,8 +129,11 @@ class VolumeSegmenter:
         return total / len(flips)
 
     def _tiles(self, height: int, width: int) -> list[tuple[int, int]]:
-        return [(y, x) for y in tile_starts(height, self.tile[0], self.step)
-                for x in tile_starts(width, self.tile[1], self.step)]
+        return [
+            (y, x)
+            for y in tile_starts(height, self.tile[0], self.step)
+            for x in tile_starts(width, self.tile[1], self.step)
+        ]
 
     def predict_slices(self, hu: torch.Tensor, spacing_yx: tuple[float, float]) -> torch.Tensor:
         """HU slices (b, Y, X) → logits (b, K, Y, X) float32 on the native grid."""
@@ -180,7 +189,9 @@ class VolumeSegmenter:
             if math.prod(shape) > _MEMMAP_THRESHOLD:
                 handle = tempfile.NamedTemporaryFile(prefix="meddinov3_probs_", suffix=".npy", delete=False)
                 handle.close()
-                probabilities = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float16, shape=shape)
+                probabilities = np.lib.format.open_memmap(
+                    handle.name, mode="w+", dtype=np.float16, shape=shape
+                )
                 Path(handle.name).unlink()  # the mapping stays valid; the file disappears with it (POSIX)
             else:
                 probabilities = np.zeros(shape, dtype=np.float16)
@@ -192,7 +203,9 @@ class VolumeSegmenter:
         for chunk in chunks:
             hu = torch.from_numpy(np.ascontiguousarray(volume.hu[chunk]))
             logits = self.predict_slices(hu, spacing_yx)
-            labels[chunk] = logits.argmax(dim=1).to(torch.int16 if label_dtype == np.int16 else torch.uint8).cpu()
+            labels[chunk] = (
+                logits.argmax(dim=1).to(torch.int16 if label_dtype == np.int16 else torch.uint8).cpu()
+            )
             if probabilities is not None:
                 probabilities[:, chunk] = logits.softmax(dim=1).transpose(0, 1).half().cpu().numpy()
         return SegmentationResult(labels=labels, probabilities=probabilities)
@@ -271,7 +284,9 @@ def run_jobs(
     for job in jobs:
         try:
             volume = load_volume(job.source)
-            result = segmenter.segment(volume, return_probabilities=job.probabilities is not None, progress=progress)
+            result = segmenter.segment(
+                volume, return_probabilities=job.probabilities is not None, progress=progress
+            )
             save_labels(result.labels, volume, job.output)
             if job.probabilities is not None:
                 save_volume(result.probabilities, volume, job.probabilities, channel_axis=0)
@@ -298,6 +313,8 @@ def run_jobs_on_devices(
         return run_jobs(jobs, model_dir, devices[0] if devices else "cpu", batch_size, tta, progress)
     import multiprocessing as mp
 
-    shards = [(jobs[i :: len(devices)], str(model_dir), dev, batch_size, tta) for i, dev in enumerate(devices)]
+    shards = [
+        (jobs[i :: len(devices)], str(model_dir), dev, batch_size, tta) for i, dev in enumerate(devices)
+    ]
     with mp.get_context("spawn").Pool(len(devices)) as pool:
         return [err for errs in pool.map(_worker, shards) for err in errs]
