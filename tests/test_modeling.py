@@ -358,3 +358,19 @@ def test_auto_backbone_class_is_registered():
         "stage3",
         "stage4",
     ]
+
+
+def test_transformers_upernet_head_uses_the_backbone(tmp_path):
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    config = UperNetConfig(backbone_config=tiny_config(), num_labels=3, hidden_size=32, use_auxiliary_head=False)
+    model = UperNetForSemanticSegmentation(config).eval()
+    assert isinstance(model.backbone, MedDINOv3Backbone)
+    x = torch.randn(1, 1, 64, 48)
+    with torch.no_grad():
+        logits = model(x).logits
+    assert logits.shape == (1, 3, 64, 48)
+    model.save_pretrained(tmp_path)
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, logits)

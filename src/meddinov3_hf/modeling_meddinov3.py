@@ -344,13 +344,20 @@ def segmentation_loss(
             f"labels contain values {found} outside [0, {num_labels}) (ignore_index={ignore_index})"
         )
     logits = logits.float()
-    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index) if valid.any() else logits.sum() * 0
-    probs = logits.softmax(dim=1) * valid.unsqueeze(1)
-    one_hot = F.one_hot(labels.where(valid, 0), num_labels).permute(0, 3, 1, 2) * valid.unsqueeze(1)
-    dims = (0, 2, 3)
-    intersection = (probs * one_hot).sum(dims)[1:]
-    denominator = probs.sum(dims)[1:] + one_hot.sum(dims)[1:]
-    dice = (2 * intersection + smooth) / (denominator + smooth)
+    if not valid.any():
+        return logits.sum() * 0
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    # Per-class soft counts without a (B, K, H, W) one-hot: gather the true-class probability and bincount.
+    probs = logits.softmax(dim=1)
+    targets = labels.where(valid, 0)
+    weight = valid.to(probs.dtype)
+    true_prob = probs.gather(1, targets.unsqueeze(1)).squeeze(1) * weight
+    intersection = torch.zeros(num_labels, device=logits.device).index_add_(0, targets.flatten(), true_prob.flatten())
+    reference = torch.bincount(targets[valid], minlength=num_labels).to(probs.dtype)
+    predicted = probs.sum(dim=(0, 2, 3))
+    if not valid.all():
+        predicted = predicted - (probs * (1 - weight).unsqueeze(1)).sum(dim=(0, 2, 3))
+    dice = (2 * intersection[1:] + smooth) / (predicted[1:] + reference[1:] + smooth)
     dice_loss = 1 - dice.mean() if num_labels > 1 else logits.sum() * 0
     return ce_weight * ce + dice_weight * dice_loss
 
