@@ -363,7 +363,9 @@ def test_auto_backbone_class_is_registered():
 def test_transformers_upernet_head_uses_the_backbone(tmp_path):
     from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
-    config = UperNetConfig(backbone_config=tiny_config(), num_labels=3, hidden_size=32, use_auxiliary_head=False)
+    config = UperNetConfig(
+        backbone_config=tiny_config(), num_labels=3, hidden_size=32, use_auxiliary_head=False
+    )
     model = UperNetForSemanticSegmentation(config).eval()
     assert isinstance(model.backbone, MedDINOv3Backbone)
     x = torch.randn(1, 1, 64, 48)

@@ -352,7 +352,9 @@ def segmentation_loss(
     targets = labels.where(valid, 0)
     weight = valid.to(probs.dtype)
     true_prob = probs.gather(1, targets.unsqueeze(1)).squeeze(1) * weight
-    intersection = torch.zeros(num_labels, device=logits.device).index_add_(0, targets.flatten(), true_prob.flatten())
+    intersection = torch.zeros(num_labels, device=logits.device).index_add_(
+        0, targets.flatten(), true_prob.flatten()
+    )
     reference = torch.bincount(targets[valid], minlength=num_labels).to(probs.dtype)
     predicted = probs.sum(dim=(0, 2, 3))
     if not valid.all():
