@@ -257,3 +257,127 @@ def test_two_process_launch(ct3m, tiny_init, tmp_path):
     state = json.loads((out / "checkpoints" / "step_00000003" / "pretrain_state.json").read_text())
     assert state["world_size"] == 2 and len(state["positions"]) == 2
     assert isinstance(AutoModel.from_pretrained(out / "export" / "final"), MedDINOv3Model)
+
+
+# accelerate (1.15) never enables FSDP on CPU: with ACCELERATE_USE_CPU its state stays MULTI_CPU and the
+# FSDP plugin built from `launch --use_fsdp` is dropped. This shim (test only) keeps everything else of
+# accelerate's path (plugin from the launch flags, FSDP2 prepare, sharded save/load_state) and only turns the
+# gloo MULTI_CPU state into FSDP, which torch's `fully_shard` supports on CPU.
+_FSDP_ON_CPU = """
+import runpy, sys
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+_init = AcceleratorState.__init__
+
+
+def _fsdp_on_cpu(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    plugin = kwargs.get("fsdp_plugin")
+    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+
+
+AcceleratorState.__init__ = _fsdp_on_cpu
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _launch(launch_args: list[str], script_args: list[str], cwd: Path) -> None:
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        ACCELERATE_USE_CPU="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    common = ["--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *common, *launch_args, *script_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+FSDP_LAUNCH = [
+    "--use_fsdp",  # the torchrun path, like --multi_gpu (only one of them may be given)
+    "--fsdp_version",
+    "2",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "MedDINOv3Layer,DINOHead",
+    "--fsdp_state_dict_type",
+    "SHARDED_STATE_DICT",
+    "--fsdp_reshard_after_forward",
+    "true",
+]
+
+
+@pytest.mark.slow
+def test_fsdp_two_process_launch(ct3m, tiny_init, tmp_path):
+    """2-process FSDP2 (gloo, CPU) through `accelerate launch --use_fsdp --fsdp_version 2`: stage 1 equal to
+    the same run under DDP (losses and EMA teacher), export equal to the gathered teacher, then --resume."""
+    shim = tmp_path / "fsdp_on_cpu.py"
+    shim.write_text(_FSDP_ON_CPU)
+
+    def script(out: Path, *extra: str) -> list[str]:
+        return [
+            str(REPO / "training" / "pretrain.py"),
+            "--config",
+            str(CONFIGS / "stage1.yaml"),
+            "--dataset",
+            str(ct3m),
+            "--init",
+            str(tiny_init),
+            "--output_dir",
+            str(out),
+            *TINY,
+            "train.num_workers=0",
+            "train.export_every=2",
+            *extra,
+        ]
+
+    ddp, out = tmp_path / "ddp", tmp_path / "fsdp"
+    _launch(
+        ["--multi_gpu", "--mixed_precision", "no"],
+        script(ddp, "--max_steps", "2", "health.every=0"),
+        tmp_path,
+    )
+    fsdp = [*FSDP_LAUNCH, "--mixed_precision", "no", str(shim)]
+    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume"]):
+        _launch(fsdp, script(out, "train.checkpoint_every=2", "health.every=2", *extra), tmp_path)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss/loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(np.isfinite(r["loss/loss"]) for r in losses)
+    assert any("health" in r for r in records)  # the probe ran on a gathered teacher
+    reference = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(losses[:2], reference, strict=True):
+        for key in ("loss/loss", "loss/dino", "loss/ibot", "loss/koleo"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    ckpt = out / "checkpoints" / "step_00000002"
+    state = json.loads((ckpt / "pretrain_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["positions"]) == 2
+    assert any(p.name.startswith("pytorch_model_fsdp") for p in ckpt.iterdir())  # the student, sharded
+
+    # The checkpoint's teacher is the full (gathered) state; the step-2 export is exactly its backbone, loads
+    # through AutoModel, equals the DDP run's EMA teacher, and moved away from the initial weights.
+    teacher = torch.load(ckpt / "custom_checkpoint_1.pkl", map_location="cpu")
+    exported = AutoModel.from_pretrained(out / "export" / "step_00000002")
+    assert isinstance(exported, MedDINOv3Model)
+    ddp_teacher = AutoModel.from_pretrained(ddp / "export" / "step_00000002").state_dict()
+    init = MedDINOv3Model.from_pretrained(tiny_init).state_dict()
+    moved = 0.0
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, teacher[f"backbone.{name}"], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(value, ddp_teacher[name], rtol=0, atol=1e-5, msg=name)
+        moved = max(moved, float((value - init[name]).abs().max()))
+    assert moved > 0.0
+    final = AutoModel.from_pretrained(out / "export" / "final").state_dict()
+    assert any(not torch.equal(final[k], v) for k, v in exported.state_dict().items())  # step 3 moved it

@@ -3,9 +3,12 @@
     accelerate launch training/pretrain.py --config training/configs/stage1.yaml \
         --dataset /data/ct3m --init /models/dinov3-vitb16 --output_dir runs/stage1 [key.sub=value ...]
 
-Distribution is accelerate's (DDP from `accelerate config`/`launch`); only the student is prepared. The EMA
-teacher and the Gram teacher are plain replicas updated/used identically on every process. FSDP and
-DeepSpeed are refused with a clear error (the EMA update needs the full student parameters; see README).
+Distribution is accelerate's (`accelerate config`/`launch`); only the student is prepared (and only it is in
+the optimiser). With DDP the EMA teacher and the Gram teacher are plain replicas updated/used identically on
+every process. With FSDP2 (`fsdp_version: 2`, e.g. training/configs/accelerate_fsdp.yaml) they are sharded
+exactly like the student, the EMA update is a local lerp of matching shards, checkpoints store their full
+state dicts (same files as with DDP), and exports/health probes gather the full teacher. FSDP1 and DeepSpeed
+are refused with a clear error.
 
 Exact resume: everything random is a function of (seed, step, rank[, example position]): per-step torch
 seeding (drop path, RoPE augmentation), per-step iBOT masks and stage-3 crop sizes, per-example crop
@@ -294,14 +297,19 @@ def _load_heads(meta: SelfDistillationMetaArch, heads: dict[str, torch.Tensor]) 
     return True
 
 
-def export_teacher(meta: SelfDistillationMetaArch, folder: Path) -> Path:
+def export_teacher(
+    meta: SelfDistillationMetaArch,
+    folder: Path,
+    gathered: tuple[MedDINOv3Model, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write the EMA teacher backbone as a MedDINOv3Model folder (+ processor config and the teacher heads in
-    heads.safetensors for a later stage), atomically (temporary folder, then rename)."""
+    heads.safetensors for a later stage), atomically (temporary folder, then rename). `gathered`: the full
+    teacher from `gather_teacher` (FSDP), else `meta.teacher` is read directly."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp_{folder.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    backbone = meta.teacher.backbone
+    backbone = gathered[0] if gathered is not None else meta.teacher.backbone
     original = backbone.config
     config = copy.deepcopy(original)
     config.drop_path_rate = 0.0  # training-only settings must not leak into downstream models
@@ -312,7 +320,8 @@ def export_teacher(meta: SelfDistillationMetaArch, folder: Path) -> Path:
     finally:
         backbone.config = original
     MedDINOv3ImageProcessor().save_pretrained(tmp)
-    heads = {k: v.detach().cpu().contiguous() for k, v in meta.teacher.state_dict().items() if "_head." in k}
+    heads = gathered[1] if gathered is not None else meta.teacher.state_dict()
+    heads = {k: v.detach().cpu().contiguous() for k, v in heads.items() if "_head." in k}
     save_file(heads, str(tmp / HEADS_FILE))
     if folder.exists():
         old = folder.parent / f".old_{folder.name}"
@@ -423,10 +432,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         log_with=cfg.train.log_with if cfg.train.log_with not in (None, "none") else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
     )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise NotImplementedError(
-            f"{accelerator.distributed_type} is not supported: the EMA teacher is updated from the full student "
-            "parameters, which FSDP/DeepSpeed shard. Use DDP (ViT-B fits one GPU) or multi-GPU without sharding."
+            "DeepSpeed is not supported: its ZeRO engine owns the student's parameters, and the EMA teacher would "
+            "need to be partitioned identically for its update. Use DDP or FSDP2 (`fsdp_version: 2`)."
+        )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not accelerator.is_fsdp2:
+        raise NotImplementedError(
+            "FSDP1 is not supported: the EMA teacher is sharded like the student with FSDP2 `fully_shard`. Set "
+            "`fsdp_version: 2` in the accelerate config (see training/configs/accelerate_fsdp.yaml)."
         )
     rank, world = accelerator.process_index, accelerator.num_processes
     ckpt_root = out_dir / "checkpoints"
@@ -497,9 +512,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
     student, optimizer = accelerator.prepare(meta.student, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(state, meta.teacher)  # teacher_index = 1 (see save_checkpoint)
-    if meta.gram_teacher is not None:
-        accelerator.register_for_checkpointing(meta.gram_teacher)
+    teachers = [meta.teacher] + ([meta.gram_teacher] if meta.gram_teacher is not None else [])
+    if fsdp:
+        meta.shard_teachers()  # fully_shard in place: meta.student is the sharded student
+        teachers = [FullStateDict(t) for t in teachers]  # same checkpoint files as with DDP
+    accelerator.register_for_checkpointing(state, *teachers)  # teacher_index = 1 (see save_checkpoint)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         info = json.loads((resume_dir / STATE_FILE).read_text())
@@ -539,6 +556,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     probe = None
     if cfg.health.every > 0 and accelerator.is_main_process:
         probe = HealthProbe(_health_slices(cfg), image_size=cfg.health.image_size)
+    health_due = cfg.health.every > 0
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -622,26 +640,66 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 _append_metrics(out_dir / "metrics.jsonl", record)
                 progress.set_postfix(loss=f"{reduced['loss']:.4f}", lr=f"{values['lr']:.2e}")
             accelerator.log(logs, step=state.step)
-        if probe is not None and state.step % cfg.health.every == 0:
-            health = probe.evaluate(meta.teacher.backbone, cfg.health.batch_size, accelerator.autocast)
-            accelerator.log({f"health/{k}": v for k, v in health.items()}, step=state.step)
-            _append_metrics(out_dir / "metrics.jsonl", {"step": state.step, "health": health})
+        if health_due and state.step % cfg.health.every == 0:
+            # FSDP: every process takes part in gathering the teacher; the main process evaluates a replica.
+            gathered = gather_teacher(meta) if fsdp else None
+            evaluated = gathered[0].to(accelerator.device) if gathered else meta.teacher.backbone
+            if probe is not None:
+                health = probe.evaluate(evaluated, cfg.health.batch_size, accelerator.autocast)
+                accelerator.log({f"health/{k}": v for k, v in health.items()}, step=state.step)
+                _append_metrics(out_dir / "metrics.jsonl", {"step": state.step, "health": health})
+            del gathered, evaluated
         if cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0:
             save_checkpoint(accelerator, state, cfg, meta, ckpt_root)
         if cfg.train.export_every > 0 and state.step % cfg.train.export_every == 0:
-            if accelerator.is_main_process:
-                export_teacher(meta, out_dir / "export" / f"step_{state.step:08d}")
-            accelerator.wait_for_everyone()
+            _export(accelerator, meta, fsdp, out_dir / "export" / f"step_{state.step:08d}")
     progress.close()
 
     if cfg.train.checkpoint_every > 0 and state.step > start_step and state.step % cfg.train.checkpoint_every:
         save_checkpoint(accelerator, state, cfg, meta, ckpt_root)  # the final state, for a later --resume
     export = out_dir / "export" / "final"
-    if accelerator.is_main_process:
-        export_teacher(meta, export)
-    accelerator.wait_for_everyone()
+    _export(accelerator, meta, fsdp, export)
     accelerator.end_training()
     return {"step": state.step, "export": str(export), "history": history}
+
+
+class FullStateDict:
+    """Checkpointing view of an FSDP2-sharded module for `register_for_checkpointing`: every process takes part
+    in gathering the full state dict (the main process writes it, as with DDP); loading scatters it back."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_teacher(meta: SelfDistillationMetaArch) -> tuple[MedDINOv3Model, dict[str, torch.Tensor]] | None:
+    """FSDP: the full EMA teacher as (plain MedDINOv3Model backbone on CPU, head tensors) on the main process,
+    None on the others. Every process must call this (collective gather)."""
+    state = FullStateDict(meta.teacher).state_dict()
+    if not state:  # cpu_offload: only rank 0 receives the full tensors
+        return None
+    backbone = MedDINOv3Model(copy.deepcopy(meta.teacher.backbone.config))
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    )
+    return backbone.eval(), {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
+
+def _export(accelerator: Any, meta: SelfDistillationMetaArch, fsdp: bool, folder: Path) -> None:
+    gathered = gather_teacher(meta) if fsdp else None
+    if accelerator.is_main_process:
+        export_teacher(meta, folder, gathered)
+    accelerator.wait_for_everyone()
 
 
 def _yaml_dump(d: dict[str, Any]) -> str:

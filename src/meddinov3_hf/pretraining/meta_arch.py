@@ -4,6 +4,10 @@ Only `SelfDistillationMetaArch.student` (backbone + DINO head + iBOT head) is tr
 `accelerator.prepare`; its single `forward` runs every student crop so that DDP sees one forward per
 backward. The teacher is an EMA copy updated from the (unwrapped) student parameters; the Gram teacher is a
 frozen backbone. Both run in eval mode (no drop path, no RoPE augmentation) under `torch.no_grad`.
+
+Under FSDP2 (accelerate `fsdp_version: 2`) `shard_teachers` shards the teacher and the Gram teacher exactly like
+the student (same module tree, same units, same mesh), so that the EMA update is a local lerp of matching
+shards and the teacher forward all-gathers like the student's (through its root `forward`).
 """
 
 from __future__ import annotations
@@ -21,11 +25,38 @@ from .config import HeadsConfig, LossConfig
 from .heads import DINOHead
 from .losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_features, sinkhorn_knopp
 
-__all__ = ["SSLBranch", "SelfDistillationMetaArch", "StepInputs"]
+__all__ = ["SSLBranch", "SelfDistillationMetaArch", "StepInputs", "shard_like"]
 
 
 def _num_prefix(backbone: MedDINOv3Model) -> int:
     return 1 + backbone.config.num_register_tokens
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    p = p.data
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def shard_like(module: nn.Module, reference: nn.Module, prefix: str = "") -> None:
+    """`fully_shard` every submodule of `module` whose counterpart (same name, under `prefix` in `reference`) is
+    an FSDP2 unit, with that unit's mesh and mixed-precision policy, children first, and `module` itself.
+    Parameters of equal shape then get equal local shards on every process."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not isinstance(reference, FSDPModule):
+        raise TypeError("shard_like: the reference module is not sharded with FSDP2 (fully_shard)")
+    units = {name: m for name, m in reference.named_modules() if isinstance(m, FSDPModule)}
+    root_state = reference._get_fsdp_state()
+    mesh = next(reference.parameters()).device_mesh
+    mp_policy = root_state._mp_policy
+    for name, sub in reversed(list(module.named_modules())):
+        full = ".".join(x for x in (prefix, name) if x)
+        if full in units or not name:
+            # reshard_after_forward explicitly: a root resharding by default would keep the teacher gathered
+            # after its forward (no backward follows), and the EMA update needs the shards.
+            fully_shard(sub, mesh=mesh, reshard_after_forward=True, mp_policy=mp_policy)
 
 
 class SSLBranch(nn.Module):
@@ -49,14 +80,20 @@ class SSLBranch(nn.Module):
         return self.backbone(pixel_values, bool_masked_pos=masks).last_hidden_state
 
     def forward(
-        self, global_crops: torch.Tensor, masks: torch.Tensor, local_crops: torch.Tensor | None = None
+        self,
+        global_crops: torch.Tensor,
+        masks: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        mask_inputs: bool = True,
     ) -> dict[str, torch.Tensor]:
         """global_crops (G·B, C, g, g) crop-major, masks (G·B, N) bool, local_crops (L·B, C, l, l) or None.
 
-        Returns cls (G·B, D) of the masked global forward, patches (G·B, N, D), dino_logits
-        ((G + L)·B, K) global crops first, ibot_logits (masked patches, K) in `masks.nonzero()` order."""
+        Returns cls (G·B, D) of the global forward (masked unless `mask_inputs=False`: the teacher),
+        patches (G·B, N, D), dino_logits ((G + L)·B, K) global crops first, ibot_logits (masked patches, K)
+        in `masks.nonzero()` order."""
         prefix = _num_prefix(self.backbone)
-        tokens = self.encode(global_crops, masks)  # masks always passed: keeps mask_token in the graph
+        # The student always passes masks: keeps mask_token in the graph.
+        tokens = self.encode(global_crops, masks if mask_inputs else None)
         cls, patches = tokens[:, 0], tokens[:, prefix:]
         cls_all = cls
         if local_crops is not None and local_crops.shape[0] > 0:
@@ -114,10 +151,9 @@ class SelfDistillationMetaArch(nn.Module):
     def teacher_targets(self, inputs: StepInputs, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinkhorn-Knopp targets: DINO (G, B, K) and iBOT (masked patches, K)."""
         n_g, batch = inputs.global_crops.shape[:2]
-        tokens = self.teacher.encode(inputs.global_crops.flatten(0, 1))
-        prefix = _num_prefix(self.teacher.backbone)
-        cls_logits = self.teacher.dino_head(tokens[:, 0])
-        patch_logits = self.teacher.ibot_head(tokens[:, prefix:][inputs.masks])
+        # Through the root forward (unmasked inputs): an FSDP-sharded teacher gathers its parameters there.
+        out = self.teacher(inputs.global_crops.flatten(0, 1), inputs.masks, None, mask_inputs=False)
+        cls_logits, patch_logits = out["dino_logits"], out["ibot_logits"]
         it = self.loss_cfg.sinkhorn_iterations
         dino_t = sinkhorn_knopp(cls_logits, teacher_temp, it).view(n_g, batch, -1)
         # Every process calls this (also with 0 masked patches): the sums inside are all-reduced.
@@ -176,9 +212,16 @@ class SelfDistillationMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher ← m·teacher + (1 − m)·student, over all parameters (same order: the teacher is a copy)."""
-        t = [p.data for p in self.teacher.parameters()]
-        s = [p.data for p in self.student.parameters()]
+        t = [_local(p) for p in self.teacher.parameters()]
+        s = [_local(p) for p in self.student.parameters()]
+        # FSDP2: matching local shards (see shard_teachers); a shape mismatch raises here.
         torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+    def shard_teachers(self) -> None:
+        """FSDP2: shard the teacher (and the Gram teacher) exactly like the already sharded student."""
+        shard_like(self.teacher, self.student)
+        if self.gram_teacher is not None:
+            shard_like(self.gram_teacher, self.student, prefix="backbone")
 
     @torch.no_grad()
     def refresh_gram_teacher(self) -> None:
