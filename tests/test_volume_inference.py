@@ -149,24 +149,24 @@ def _write_scan(path, affine=AFFINES["LPS"], shape=(37, 29, 6)):
     return path
 
 
+def _segment(source, output, model, *flags: str) -> int:
+    """`meddinov3 segment -i SOURCE -o OUTPUT --model MODEL --quiet FLAGS...` → exit code."""
+    return cli_main(
+        ["segment", "-i", str(source), "-o", str(output), "--model", str(model), "--quiet", *flags]
+    )
+
+
 def test_cli_segment_file_with_probabilities(tmp_path, model_dir):
     scan = _write_scan(tmp_path / "scan.nii.gz")
     before = scan.read_bytes()
-    code = cli_main(
-        [
-            "segment",
-            "-i",
-            str(scan),
-            "-o",
-            str(tmp_path / "out" / "seg.nii.gz"),
-            "--model",
-            str(model_dir),
-            "--tta",
-            "--save-probabilities",
-            "--quiet",
-            "--batch-size",
-            "2",
-        ]
+    code = _segment(
+        str(scan),
+        str(tmp_path / "out" / "seg.nii.gz"),
+        str(model_dir),
+        "--tta",
+        "--save-probabilities",
+        "--batch-size",
+        "2",
     )
     assert code == 0 and scan.read_bytes() == before
     labels = nib.load(tmp_path / "out" / "seg.nii.gz")
@@ -181,21 +181,7 @@ def test_cli_segment_folder_and_evaluate(tmp_path, model_dir, capsys):
     (tmp_path / "in").mkdir()
     for i in range(2):
         _write_scan(tmp_path / "in" / f"case{i}_0000.nii.gz")
-    assert (
-        cli_main(
-            [
-                "segment",
-                "-i",
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "pred"),
-                "--model",
-                str(model_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _segment(str(tmp_path / "in"), str(tmp_path / "pred"), str(model_dir)) == 0
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
     code = cli_main(
         [
@@ -218,38 +204,8 @@ def test_cli_segment_on_two_processes(tmp_path, model_dir):
     (tmp_path / "in").mkdir()
     for i in range(3):
         _write_scan(tmp_path / "in" / f"c{i}.nii.gz")
-    assert (
-        cli_main(
-            [
-                "segment",
-                "-i",
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "one"),
-                "--model",
-                str(model_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli_main(
-            [
-                "segment",
-                "-i",
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "two"),
-                "--model",
-                str(model_dir),
-                "--device",
-                "cpu,cpu",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _segment(str(tmp_path / "in"), str(tmp_path / "one"), str(model_dir)) == 0
+    assert _segment(str(tmp_path / "in"), str(tmp_path / "two"), str(model_dir), "--device", "cpu, cpu") == 0
     for i in range(3):
         a = np.asanyarray(nib.load(tmp_path / "one" / f"c{i}.nii.gz").dataobj)
         b = np.asanyarray(nib.load(tmp_path / "two" / f"c{i}.nii.gz").dataobj)
@@ -279,21 +235,7 @@ def test_cli_dicom_series_input(tmp_path, model_dir):
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.PixelData = (np.random.default_rng(z).integers(0, 1800, (24, 20))).astype(np.int16).tobytes()
         ds.save_as(tmp_path / "dicom" / f"{z}.dcm", enforce_file_format=True)
-    assert (
-        cli_main(
-            [
-                "segment",
-                "-i",
-                str(tmp_path / "dicom"),
-                "-o",
-                str(tmp_path / "seg.nii.gz"),
-                "--model",
-                str(model_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _segment(str(tmp_path / "dicom"), str(tmp_path / "seg.nii.gz"), str(model_dir)) == 0
     volume = load_volume(tmp_path / "dicom")
     saved = nib.load(tmp_path / "seg.nii.gz")
     np.testing.assert_allclose(saved.affine, volume.affine, atol=1e-5)
@@ -330,7 +272,7 @@ def test_cli_segment_bad_input(tmp_path, model_dir, capsys, case, match):
     if case == "missing":
         scan = tmp_path / "nothing.nii.gz"
     before = scan.read_bytes() if scan.exists() else None
-    code = cli_main(["segment", "-i", str(scan), "-o", str(output), "--model", str(model), "--quiet"])
+    code = _segment(str(scan), str(output), str(model))
     assert code != 0
     assert __import__("re").search(match, capsys.readouterr().err)
     if case != "same":

@@ -106,7 +106,9 @@ def _run_segment(args) -> int:
 
     from .volumes.inference import plan_jobs, run_jobs_on_devices
 
-    devices = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(",")
+    devices = [
+        d.strip() for d in (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(",")
+    ]
     jobs = plan_jobs(args.input, args.output, save_probabilities=args.save_probabilities)
     errors = run_jobs_on_devices(
         jobs, args.model, devices, args.batch_size, args.tta, progress=not args.quiet

@@ -433,13 +433,13 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
+        raise ValueError(
             "DeepSpeed is not supported: its ZeRO engine owns the student's parameters, and the EMA teacher would "
             "need to be partitioned identically for its update. Use DDP or FSDP2 (`fsdp_version: 2`)."
         )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and not accelerator.is_fsdp2:
-        raise NotImplementedError(
+        raise ValueError(
             "FSDP1 is not supported: the EMA teacher is sharded like the student with FSDP2 `fully_shard`. Set "
             "`fsdp_version: 2` in the accelerate config (see training/configs/accelerate_fsdp.yaml)."
         )
