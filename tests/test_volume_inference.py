@@ -40,6 +40,7 @@ class ThresholdModel(torch.nn.Module):
 def _scan(shape_xyz=(37, 29, 6), seed=0):
     rng = np.random.default_rng(seed)
     data = rng.normal(0, 50, shape_xyz).astype(np.int16) - 200
+    data[:2] = -1000  # air at the border, as in any CT
     data[5:12, 3:9, 1:4] = 800  # an off-centre "bone" block
     data[-4:, -3:, -1] = 900
     return data
