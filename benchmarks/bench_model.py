@@ -19,7 +19,7 @@ import time
 
 import torch
 from torch import nn
-from transformers import DINOv3ViTBackbone, DINOv3ViTConfig
+from transformers import DINOv3ViTBackbone
 
 from meddinov3_hf import MedDINOv3Config, MedDINOv3ForSemanticSegmentation
 
@@ -43,24 +43,7 @@ class NaiveChannelLayerNorm(nn.Module):
 class BaselineNetwork(nn.Module):
     def __init__(self, config: MedDINOv3Config):
         super().__init__()
-        keys = (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "layer_norm_eps",
-            "num_register_tokens",
-            "query_bias",
-            "key_bias",
-            "value_bias",
-            "layerscale_value",
-            "patch_size",
-        )
-        backbone_config = DINOv3ViTConfig(
-            **{k: getattr(config, k) for k in keys},
-            pos_embed_rescale=None,
-            out_indices=[i + 1 for i in config.aggregation_layers],
-        )
+        backbone_config = config.to_dinov3_vit_config(out_indices=[i + 1 for i in config.aggregation_layers])
         self.backbone = DINOv3ViTBackbone(backbone_config)
         widths = [config.hidden_size * len(config.aggregation_layers), *config.decoder_hidden_sizes]
         layers = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTModel
 
 import meddinov3_hf  # noqa: F401  (registers the Auto classes and pipelines)
 from meddinov3_hf import MedDINOv3Config
@@ -29,21 +29,7 @@ def tiny_config(**overrides) -> MedDINOv3Config:
 def reference_dinov3(config: MedDINOv3Config, seed: int = 0, **overrides) -> DINOv3ViTModel:
     """transformers' own DINOv3 ViT with the same architecture, random weights (the parity reference)."""
     torch.manual_seed(seed)
-    keys = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "layer_norm_eps",
-        "num_register_tokens",
-        "query_bias",
-        "key_bias",
-        "value_bias",
-        "layerscale_value",
-        "patch_size",
-    )
-    kwargs = {k: getattr(config, k) for k in keys} | {"pos_embed_rescale": None} | overrides
-    model = DINOv3ViTModel(DINOv3ViTConfig(**kwargs)).eval()
+    model = DINOv3ViTModel(config.to_dinov3_vit_config(**overrides)).eval()
     with torch.no_grad():  # non-trivial tokens and biases so that mapping mistakes show
         for name, param in model.named_parameters():
             if name.endswith("bias") or "token" in name:

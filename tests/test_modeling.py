@@ -14,7 +14,6 @@ from transformers import (
     AutoModel,
     AutoModelForSemanticSegmentation,
     DINOv3ViTBackbone,
-    DINOv3ViTConfig,
 )
 
 from meddinov3_hf import MedDINOv3Backbone, MedDINOv3Config, MedDINOv3ForSemanticSegmentation, MedDINOv3Model
@@ -129,9 +128,7 @@ def test_backbone_matches_transformers_dinov3(size, attn):
 def test_feature_maps_match_dinov3_backbone_and_intermediate_layers():
     config = tiny_config(aggregation_layers=[1, 3])
     reference = reference_dinov3(config)
-    ref_backbone = DINOv3ViTBackbone(
-        DINOv3ViTConfig(**{**reference.config.to_dict(), "out_features": None, "out_indices": [2, 4]})
-    ).eval()
+    ref_backbone = DINOv3ViTBackbone(config.to_dinov3_vit_config(out_indices=[2, 4])).eval()
     ref_backbone.load_state_dict(reference.state_dict())
     ours = MedDINOv3Backbone(config).eval()
     ours.load_state_dict(reference.state_dict())

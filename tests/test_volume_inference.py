@@ -293,6 +293,10 @@ def test_cli_evaluate_shape_mismatch(tmp_path, capsys):
     assert "a.nii.gz" in err and "b.nii.gz" in err
 
 
+def _features(scan, model, output, *flags: str) -> int:
+    return cli_main(["features", "-i", str(scan), "--model", str(model), "-o", str(output), *flags])
+
+
 def test_cli_pictures(tmp_path, model_dir):
     from PIL import Image
 
@@ -319,42 +323,10 @@ def test_cli_pictures(tmp_path, model_dir):
     with Image.open(tmp_path / "overlay.png") as picture:
         image = np.asarray(picture)
     assert image.ndim == 3 and (image[..., 0] > image[..., 1] + 40).any()  # red label pixels present
-    assert (
-        cli_main(
-            [
-                "features",
-                "-i",
-                str(scan),
-                "--model",
-                str(model_dir),
-                "-o",
-                str(tmp_path / "pca.png"),
-                "--size",
-                "64",
-                "--slice",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert _features(scan, model_dir, str(tmp_path / "pca.png"), "--size", "64", "--slice", "2") == 0
     with Image.open(tmp_path / "pca.png") as pca:
         assert pca.size == (128, 64)
-    assert (
-        cli_main(
-            [
-                "features",
-                "-i",
-                str(scan),
-                "--model",
-                str(model_dir),
-                "-o",
-                str(tmp_path / "x.png"),
-                "--slice",
-                "99",
-            ]
-        )
-        == 2
-    )
+    assert _features(scan, model_dir, str(tmp_path / "x.png"), "--slice", "99") == 2
 
 
 def test_plan_jobs_validation(tmp_path):

@@ -74,6 +74,31 @@ class MedDINOv3Config(DINOv3ViTConfig):
             kwargs["out_indices"] = [i + 1 for i in self.aggregation_layers]
         super().__post_init__(**kwargs)
 
+    def to_dinov3_vit_config(self, **overrides) -> DINOv3ViTConfig:
+        """transformers' `DINOv3ViTConfig` of the same transformer (no RoPE augmentation), e.g. to build the
+        `DINOv3ViTModel`/`DINOv3ViTBackbone` that MedDINOv3 must match numerically."""
+        keys = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "rope_theta",
+            "num_channels",
+            "query_bias",
+            "key_bias",
+            "value_bias",
+            "proj_bias",
+            "mlp_bias",
+            "layerscale_value",
+            "use_gated_mlp",
+            "num_register_tokens",
+            "patch_size",
+        )
+        kwargs = {k: getattr(self, k) for k in keys} | {"pos_embed_rescale": None}
+        return DINOv3ViTConfig(**(kwargs | overrides))
+
     def validate_architecture(self):
         super().validate_architecture()
         if self.rope_precision not in ROPE_PRECISIONS:
