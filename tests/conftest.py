@@ -81,6 +81,38 @@ def to_reference_names(
     return ref
 
 
+def dino_head_state(
+    prefix: str, in_dim: int, hidden: int = 48, bottleneck: int = 16, prototypes: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A pretraining head as in DINOv3's dinov3/layers/dino_head.py (tiny sizes; the release uses
+    in→2048→2048→256, GELU, L2-normalise, then a bias-free `last_layer` to the prototypes, no weight norm):
+    `mlp.0/2/4` Linear layers and `last_layer.weight`, keys prefixed `prefix` (`dino_head.` / `ibot_head.`)."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(in_dim, hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(hidden, bottleneck),
+    )
+    last_layer = torch.nn.Linear(bottleneck, prototypes, bias=False)
+    state = {f"mlp.{k}": v for k, v in mlp.state_dict().items()} | {"last_layer.weight": last_layer.weight}
+    return {prefix + k: v.detach().clone() for k, v in state.items()}
+
+
+def release_checkpoint(config: MedDINOv3Config, seed: int = 0) -> tuple[DINOv3ViTModel, dict]:
+    """A MedDINOv3-release-format training checkpoint ({"teacher": backbone.* + dino_head.* + ibot_head.*}) of
+    a random DINOv3 ViT, and that ViT as transformers' `DINOv3ViTModel` (the parity reference)."""
+    reference = reference_dinov3(config, seed=seed)
+    sd = to_reference_names(
+        reference.state_dict(), config.num_hidden_layers, num_heads=config.num_attention_heads
+    )
+    teacher = {f"backbone.{k}": v for k, v in sd.items()}
+    teacher |= dino_head_state("dino_head.", config.hidden_size, seed=seed + 1)
+    teacher |= dino_head_state("ibot_head.", config.hidden_size, seed=seed + 2)
+    return reference, {"teacher": teacher, "iteration": 5}
+
+
 @pytest.fixture
 def tiny() -> MedDINOv3Config:
     return tiny_config()

@@ -198,16 +198,43 @@ def test_invalid_arguments():
     assert spacing_for_patch(0.78125) == pytest.approx(0.4464285714)
 
 
-def test_transform_example_from_slice_dataset(tmp_path: Path):
-    from meddinov3_hf.data.slices import build_slice_dataset
+def test_transforms_on_a_decoded_slice_dataset_row(tmp_path: Path):
+    from meddinov3_hf.data.slices import build_slice_dataset, decode_row
     from meddinov3_hf.data.synthetic import write_nnunet_dataset
 
     root = write_nnunet_dataset(tmp_path / "ds", n_cases=1, shape=(4, 40, 48), spacing=(3.0, 0.9, 0.9))
     ds = build_slice_dataset(root, cache_dir=tmp_path / "cache")
-    x, y = SegmentationTrainTransform(32, 0.6).transform_example(ds[2], sample_generator(0, 0, 2))
+    hu, label, spacing = decode_row(ds[2])
+    assert hu.shape == label.shape == (40, 48) and spacing == pytest.approx((0.9, 0.9))
+    hu, label = torch.from_numpy(hu.copy()), torch.from_numpy(label.copy())
+    x, y = SegmentationTrainTransform(32, 0.6)(
+        hu, label, spacing, sample_generator(0, 0, 2), ds[2]["classes"]
+    )
     assert x.shape == (1, 32, 32) and y.shape == (32, 32)
-    x, y = SegmentationEvalTransform(None, 0.9).transform_example(ds[2])
+    x, y = SegmentationEvalTransform(None, 0.9)(hu, label, spacing)
     assert x.shape == (1, 48, 48) and y is not None and y.shape == (48, 48)
+
+
+def test_target_spacing_is_one_per_axis_tuple_everywhere():
+    """One value means both axes; the transforms, the processor and its resampled shape agree."""
+    from meddinov3_hf.image_processing_meddinov3 import MedDINOv3ImageProcessor, as_target_spacing
+
+    assert (
+        as_target_spacing(0.6) == as_target_spacing([0.6]) == (0.6, 0.6) and as_target_spacing(None) is None
+    )
+    assert SegmentationTrainTransform(32, 0.6).target_spacing == (0.6, 0.6)
+    anisotropic = SegmentationEvalTransform(None, (1.0, 0.5))
+    processor = MedDINOv3ImageProcessor(target_spacing=[1.0, 0.5])
+    assert processor.target_spacing == (1.0, 0.5)
+    for shape, spacing in (((30, 60), (1.0, 0.5)), ((37, 29), (0.8, 0.7)), ((5, 3), (0.1, 0.1))):
+        assert anisotropic.resampled_hw(shape, spacing) == processor.resampled_shape(shape, spacing)
+    assert processor.resampled_shape((37, 29), (0.8, 0.7)) == (round(37 * 0.8), round(29 * 0.7 / 0.5))
+    hu = torch.zeros(30, 60)
+    x, _ = anisotropic(hu, None, (1.0, 0.25))
+    assert x.shape == (1, 32, 32)  # (30, 30) padded to the multiple of 16
+    for bad in (0.0, -1.0, (1.0, 2.0, 3.0), float("nan")):
+        with pytest.raises(ValueError, match="target_spacing"):
+            SegmentationTrainTransform(32, bad)
 
 
 def test_throughput_512_to_896():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import reference_dinov3, tiny_config, to_reference_names
+from conftest import dino_head_state, reference_dinov3, tiny_config, to_reference_names
+from safetensors.torch import load_file
 
 from meddinov3_hf import MedDINOv3ForSemanticSegmentation, MedDINOv3Model
 from meddinov3_hf.cli import main as cli_main
@@ -40,7 +41,10 @@ def test_meddinov3_release_checkpoint(tmp_path):
     config = tiny_config(layer_norm_eps=1e-6)
     reference, sd = _reference_state(config)
     teacher = {f"backbone.{k}": v for k, v in sd.items()}
-    teacher |= {"dino_head.mlp.0.weight": torch.zeros(4, 4), "ibot_head.last_layer.weight": torch.zeros(4, 4)}
+    heads = dino_head_state("dino_head.", config.hidden_size) | dino_head_state(
+        "ibot_head.", config.hidden_size, seed=1
+    )
+    teacher |= heads
     torch.save({"teacher": teacher, "iteration": 5}, tmp_path / "teacher_checkpoint.pth")
     assert detect_format(tmp_path / "teacher_checkpoint.pth") == "meddinov3"
     result = convert_checkpoint(
@@ -49,10 +53,16 @@ def test_meddinov3_release_checkpoint(tmp_path):
         aggregation_layers=BLOCKS,
         rope_precision="fp32",
     )
-    assert result.dropped_keys == ["dino_head.mlp.0.weight", "ibot_head.last_layer.weight"]
     _outputs_match(tmp_path / "out", reference)
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= files
+    # The DINO and iBOT heads are kept, with the release's own keys, beside the backbone (issue 9).
+    assert result.dropped_keys == [] and result.pretraining_head_keys == sorted(heads)
+    kept = load_file(tmp_path / "out" / "pretraining_heads.safetensors")
+    assert sorted(kept) == sorted(heads) and all(torch.equal(kept[k], heads[k]) for k in heads)
+    assert "last_layer.weight" in " ".join(kept) and not any("weight_g" in k for k in kept)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Conversion check" in card and "pretraining_heads.safetensors" in card
     # default RoPE precision for reference-code checkpoints is the reference's bf16
     result = convert_checkpoint(
         tmp_path / "teacher_checkpoint.pth", tmp_path / "bf16", aggregation_layers=BLOCKS
@@ -97,15 +107,27 @@ def test_nnunet_checkpoint_with_orig_mod_prefix_and_labels(tmp_path):
     weights = {f"_orig_mod.dino_encoder.{k}": v for k, v in sd.items()} | {
         f"_orig_mod.{k}": v for k, v in decoder.items()
     }
+    # nnU-Net v2 stores its trainer's init arguments, plans included, in every checkpoint.
+    plans = {"configurations": {"2d": {"spacing": [0.7, 0.8], "patch_size": [64, 48]}}}
     checkpoint = {
         "network_weights": weights,
-        "init_args": {"dataset_json": {"labels": {"background": 0, "liver": 1, "kidney": 2}}},
+        "init_args": {
+            "dataset_json": {"labels": {"background": 0, "liver": 1, "kidney": 2}},
+            "plans": plans,
+            "configuration": "2d",
+        },
     }
     torch.save(checkpoint, tmp_path / "checkpoint_final.pth")
     result = convert_checkpoint(
         tmp_path / "checkpoint_final.pth", tmp_path / "out", aggregation_layers=BLOCKS, rope_precision="fp32"
     )
     assert result.config.id2label == {0: "background", 1: "liver", 2: "kidney"}
+    # the working spacing and tile of the fine-tune travel with the folder (issue 8 item 3)
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["target_spacing"] == [
+        0.7,
+        0.8,
+    ]
+    assert list(result.config.image_size) == [64, 48]
     model = MedDINOv3ForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(model.decoder.stages[2].norm.bias, decoder["up_projection.decode.2.1.bias"])
     torch.testing.assert_close(model.decoder.classifier.bias, decoder["up_projection.decode.4.bias"])

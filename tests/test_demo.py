@@ -21,6 +21,7 @@ def test_demo_runs_offline_and_reaches_the_dice_target(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["passed"] and summary["mean_dice"] >= 0.8
+    assert summary["seconds"] > 0 and summary["cpu_seconds"] > 0 and summary["threads"] >= 1  # printed too
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"liver", "kidney", "spleen"} <= set(metrics["mean"])
     scan = nib.load(out / "heldout" / "heldout_0000.nii.gz")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +24,7 @@ from meddinov3_hf.data.synthetic import write_nnunet_dataset
 from meddinov3_hf.finetuning import hub as hub_module
 from meddinov3_hf.finetuning import run_finetune
 from meddinov3_hf.finetuning.arguments import FinetuneArguments, FinetuneTrainingArguments
-from meddinov3_hf.finetuning.data import EpochSampler, TrainSliceDataset, working_spacing
+from meddinov3_hf.finetuning.data import EpochSampler, TrainSliceDataset, derive_target_spacing
 from meddinov3_hf.finetuning.hub import push_finetuned_model, push_slice_dataset
 from meddinov3_hf.finetuning.trainer import SliceDiceMetric, build_trainer
 
@@ -40,6 +41,9 @@ class FakeHfApi:
         self.repos: list[dict] = []
         self.commits: list[dict] = []
         FakeHfApi.instances.append(self)
+
+    def whoami(self):  # what the pre-training push check asks (a write token of user "me")
+        return {"name": "me", "orgs": [], "auth": {"accessToken": {"role": "write"}}}
 
     def create_repo(self, **kwargs):
         self.repos.append(kwargs)
@@ -77,12 +81,12 @@ def _argv(ws: Path, out: Path, *extra: str, model: Path | None = None) -> list[s
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_working_spacing_follows_the_896_rule(workspace):
+def test_target_spacing_follows_the_896_rule(workspace):
     slices = build_slice_dataset(workspace / "ds", workspace / "cache")
     # median spacing 0.8 mm × median shape 96 / patch 64 = 1.2 mm; a cap of 80 px replaces the shape.
-    assert working_spacing(slices, 64) == pytest.approx((1.2, 1.2))
-    assert working_spacing(slices, 896, reference_patch_cap=512) == pytest.approx((0.8 * 96 / 896,) * 2)
-    assert working_spacing(slices, 64, reference_patch_cap=80) == pytest.approx((1.0, 1.0))
+    assert derive_target_spacing(slices, 64) == pytest.approx((1.2, 1.2))
+    assert derive_target_spacing(slices, 896, reference_patch_cap=512) == pytest.approx((0.8 * 96 / 896,) * 2)
+    assert derive_target_spacing(slices, 64, reference_patch_cap=80) == pytest.approx((1.0, 1.0))
 
 
 def test_training_samples_depend_only_on_seed_epoch_and_index(workspace):
@@ -130,6 +134,7 @@ def trained(workspace) -> tuple[Path, list[FakeHfApi]]:
     FakeHfApi.instances.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hub_module, "HfApi", FakeHfApi)
+        mp.setattr(huggingface_hub, "HfApi", FakeHfApi)  # the pre-training push check builds its own
         argv = _argv(
             workspace, out, "--max_steps", "12", "--learning_rate", "3e-3", "--backbone_learning_rate", "3e-4",
             "--disable_augmentation", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "6",
@@ -162,7 +167,7 @@ def test_output_folder_loads_with_auto_classes_and_pipeline(trained, workspace):
     model = AutoModelForSemanticSegmentation.from_pretrained(out).eval()
     processor = AutoImageProcessor.from_pretrained(out)
     assert model.config.id2label == {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
-    assert processor.target_spacing == pytest.approx([1.2, 1.2])  # working spacing saved with the model
+    assert processor.target_spacing == pytest.approx((1.2, 1.2))  # working spacing saved with the model
     from meddinov3_hf.data.synthetic import make_synthetic_ct
 
     hu, _ = make_synthetic_ct((1, 96, 96), SPACING, seed=3)
@@ -175,7 +180,7 @@ def test_output_folder_loads_with_auto_classes_and_pipeline(trained, workspace):
 
 def test_push_to_hub_uploads_model_processor_and_card(trained):
     out, apis = trained
-    (api,) = apis
+    (api,) = [a for a in apis if a.repos or a.commits]  # the other one only answered the pre-training check
     assert api.repos == [{"repo_id": "me/ct-seg", "repo_type": "model", "private": None, "exist_ok": True}]
     (commit,) = api.commits
     files = commit["files"]
@@ -277,7 +282,7 @@ def test_dinov3_checkpoint_folder_is_converted_on_the_fly(workspace, tmp_path):
         _argv(workspace, tmp_path / "out", "--max_steps", "1", model=tmp_path / "dinov3")
     )
     trainer, _ = build_trainer(args, training_args)
-    assert trainer.backbone_learning_rate == 1e-4  # natural-image weights: SPEC §4's higher backbone rate
+    assert trainer.backbone_learning_rate == 1e-4  # natural-image weights: higher rate (docs/method.md §4)
     converted = list((tmp_path / "out").glob("_base_model-*"))
     assert len(converted) == 1 and (converted[0] / "config.json").is_file()
     groups = trainer.create_optimizer().param_groups
@@ -326,3 +331,22 @@ def test_training_uses_the_model_processors_intensity_window(workspace, tmp_path
         pixels = torch.stack([dataset[i]["pixel_values"] for i in range(4)])
         assert pixels.min() >= -1.0 - 1e-5 and pixels.max() <= 1.0 + 1e-5  # abdomen window → [-1, 1]
         assert pixels.min() < -0.99  # air reaches the window's lower end (reference scaling would give ≈ -6)
+
+
+def test_target_spacing_flag_is_one_per_axis_tuple_end_to_end(workspace, tmp_path):
+    """`--target_spacing` takes one value (both axes, the old usage) or ROW COL; the tuple reaches the saved
+    processor and both transforms, which are built from that processor (no normaliser patched in later)."""
+    base = _argv(workspace, tmp_path / "o", "--max_steps", "1", "--volume_eval_during_training", "false")
+    assert _parse(base + ["--target_spacing", "1.2"])[0].target_spacing == (1.2, 1.2)
+    with pytest.raises(ValueError, match="one or two positive mm values"):
+        _parse(base + ["--target_spacing", "1", "2", "3"])
+    trainer, data = build_trainer(*_parse(base + ["--target_spacing", "1.0", "0.8"]))
+    processor = trainer.processing_class
+    assert processor.target_spacing == data.target_spacing == (1.0, 0.8)
+    transforms = (data.train.foreground_transform, data.train.random_transform, data.eval.transform)
+    for transform in transforms:
+        assert transform.target_spacing == (1.0, 0.8)
+        assert transform.normalize == processor.normalize  # the processor's own method
+    assert not hasattr(data.train, "set_normalizer")
+    with pytest.raises(ValueError, match="either a processor or a target_spacing"):
+        TrainSliceDataset(data.train_slices, 2, 64, 1.0, processor=processor)

@@ -133,7 +133,7 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "meddinov3"}')
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, MedDINOv3ImageProcessor)
-    assert loaded.clip_range == processor.clip_range and loaded.target_spacing == [0.5, 0.5]
+    assert loaded.clip_range == processor.clip_range and loaded.target_spacing == (0.5, 0.5)
     assert loaded.num_output_channels == 3 and loaded.window == "liver"
     hu = np.random.default_rng(0).normal(0, 300, (32, 32))
     torch.testing.assert_close(loaded(hu)["pixel_values"], processor(hu)["pixel_values"])

@@ -1,4 +1,5 @@
-"""Tests for meddinov3_hf.metrics: hand-derived Dice/HD95/NSD values, folder evaluation, evaluate module."""
+"""Tests for meddinov3_hf.metrics (hand-derived Dice/HD95/NSD values, means over cases), folder evaluation in
+meddinov3_hf.volumes.evaluation, and the evaluate module."""
 
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ from meddinov3_hf.metrics import (
     METRIC_PATH,
     compute_segmentation_metrics,
     dice_score,
-    evaluate_folders,
     hd95,
     normalized_surface_dice,
-    write_metrics,
 )
+from meddinov3_hf.volumes.evaluation import evaluate_folders, write_metrics
 
 
 def _square(top: int, left: int, size: int = 4, shape: tuple[int, int] = (12, 12)) -> np.ndarray:

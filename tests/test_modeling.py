@@ -95,12 +95,22 @@ def test_default_config_is_the_paper_backbone():
     assert not config.use_gated_mlp and config.hidden_act == "gelu"
 
 
+def test_config_rejects_an_unknown_rope_precision():
+    with pytest.raises(Exception, match="rope_precision"):
+        tiny_config(rope_precision="fp16")
+
+
 @pytest.mark.parametrize(
-    "bad", [dict(aggregation_layers=[0, 9]), dict(rope_precision="fp16"), dict(decoder_hidden_sizes=[8, 8])]
+    "bad", [dict(aggregation_layers=[0, 9]), dict(aggregation_layers=[]), dict(decoder_hidden_sizes=[8, 8])]
 )
-def test_config_rejects_inconsistent_values(bad):
-    with pytest.raises(Exception, match="aggregation_layers|rope_precision|decoder_hidden_sizes"):
-        tiny_config(**bad)
+def test_head_fields_are_validated_where_the_head_is_built(bad):
+    # Head fields do not concern the backbone classes (transformers' DINOv3 configs must build them) ...
+    config = tiny_config(**bad)
+    MedDINOv3Model(config)
+    MedDINOv3Backbone(config)
+    # ... but the segmentation head refuses them, naming the field.
+    with pytest.raises(ValueError, match="aggregation_layers|decoder_hidden_sizes"):
+        MedDINOv3ForSemanticSegmentation(config)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80), (32, 16)])

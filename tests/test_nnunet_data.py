@@ -297,15 +297,3 @@ def test_slice_dataset_parallel_build_keeps_order(dataset_root: Path, tmp_path: 
     parallel = build_slice_dataset(dataset_root, cache_dir=tmp_path / "b", num_proc=2)
     assert parallel["case_id"] == serial["case_id"] and parallel["slice_index"] == serial["slice_index"]
     assert parallel[7]["image"] == serial[7]["image"]
-
-
-def test_push_slice_dataset_to_hub_is_private_by_default(monkeypatch):
-    calls = []
-
-    class Fake:
-        def push_to_hub(self, repo_id, token=None, private=None):
-            calls.append((repo_id, token, private))
-            return "ok"
-
-    assert slices_mod.push_slice_dataset_to_hub(Fake(), "me/ct-slices") == "ok"  # type: ignore[arg-type]
-    assert calls == [("me/ct-slices", None, True)]

@@ -142,7 +142,8 @@ def test_stage1_resume_is_exact_and_export_loads(ct3m, tiny_init, tmp_path):
     assert all(np.isfinite(v) for row in _losses(full["history"]) for v in row)
 
     part = tmp_path / "part"
-    first = _run(_cfg(1, ct3m, part, "train.checkpoint_every=4", "train.max_steps=4", init=tiny_init))
+    # stop_at_step: stop early with the full run's schedules (max_steps would shorten them).
+    first = _run(_cfg(1, ct3m, part, "train.checkpoint_every=4", "train.stop_at_step=4", init=tiny_init))
     assert (part / "checkpoints" / "step_00000004" / "pretrain_state.json").is_file()
     second = _run(_cfg(1, ct3m, part, "train.checkpoint_every=4", "resume=latest", init=tiny_init))
     resumed = _losses(first["history"]) + _losses(second["history"])
@@ -246,12 +247,14 @@ def test_two_process_launch(ct3m, tiny_init, tmp_path):
         "health.every=0",
     ]
     # The resumed launch uses no loader worker: batch content does not depend on the number of workers.
-    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume", "train.num_workers=0"]):
+    for extra in (["--stop_at_step", "2"], ["--stop_at_step", "3", "--resume", "train.num_workers=0"]):
         proc = subprocess.run(
             base + extra, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "peak_lr" in records[0]["start"]
+    records = records[1:]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss/loss"]) for r in records)
     state = json.loads((out / "checkpoints" / "step_00000003" / "pretrain_state.json").read_text())
@@ -345,11 +348,11 @@ def test_fsdp_two_process_launch(ct3m, tiny_init, tmp_path):
     ddp, out = tmp_path / "ddp", tmp_path / "fsdp"
     _launch(
         ["--multi_gpu", "--mixed_precision", "no"],
-        script(ddp, "--max_steps", "2", "health.every=0"),
+        script(ddp, "--stop_at_step", "2", "health.every=0"),
         tmp_path,
     )
     fsdp = [*FSDP_LAUNCH, "--mixed_precision", "no", str(shim)]
-    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume"]):
+    for extra in (["--stop_at_step", "2"], ["--stop_at_step", "3", "--resume"]):
         _launch(fsdp, script(out, "train.checkpoint_every=2", "health.every=2", *extra), tmp_path)
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -358,6 +361,7 @@ def test_fsdp_two_process_launch(ct3m, tiny_init, tmp_path):
     assert all(np.isfinite(r["loss/loss"]) for r in losses)
     assert any("health" in r for r in records)  # the probe ran on a gathered teacher
     reference = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    reference = [r for r in reference if "loss/loss" in r]  # without the step-0 "start" record (peak lr)
     for a, b in zip(losses[:2], reference, strict=True):
         for key in ("loss/loss", "loss/dino", "loss/ibot", "loss/koleo"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
@@ -368,7 +372,7 @@ def test_fsdp_two_process_launch(ct3m, tiny_init, tmp_path):
 
     # The checkpoint's teacher is the full (gathered) state; the step-2 export is exactly its backbone, loads
     # through AutoModel, equals the DDP run's EMA teacher, and moved away from the initial weights.
-    teacher = torch.load(ckpt / "custom_checkpoint_1.pkl", map_location="cpu")
+    teacher = torch.load(ckpt / "custom_checkpoint_1.pkl", map_location="cpu", weights_only=True)
     exported = AutoModel.from_pretrained(out / "export" / "step_00000002")
     assert isinstance(exported, MedDINOv3Model)
     ddp_teacher = AutoModel.from_pretrained(ddp / "export" / "step_00000002").state_dict()

@@ -1,4 +1,5 @@
-"""Pretraining losses against slow re-derivations from SPEC §7 and hand-computed cases."""
+"""Pretraining losses against slow re-derivations from docs/method.md §7 (DINOv3's `dinov3/loss/`) and
+hand-computed cases."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from meddinov3_hf.pretraining.losses import (
 
 
 def naive_sinkhorn(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
-    """SPEC §7 literally, in float64, no max subtraction, one process."""
+    """docs/method.md §7 literally, in float64, no max subtraction, one process."""
     q = torch.exp(logits.double() / temp).t()  # (K, N)
     k, n = q.shape
     q /= q.sum()
@@ -108,7 +109,7 @@ def test_sinkhorn_two_processes_equal_single_process(tmp_path):
     # spawn, not fork: forking a process whose torch/OpenMP thread pools already ran can deadlock.
     args = (2, _free_port(), shards, str(tmp_path))
     mp.start_processes(_sinkhorn_worker, args=args, nprocs=2, join=True, start_method="spawn")
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for i, (full, cut) in enumerate(cases):
         combined = torch.cat([per_rank[0][i], per_rank[1][i]])
         assert per_rank[1][i].shape[0] == full.shape[0] - cut
@@ -166,7 +167,7 @@ def test_dino_loss_matches_slow_reference(n_g, n_l):
     ref = slow_dino(student, teacher, 0.1)
     for key in ("loss", "local", "global"):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-5, abs=1e-6)
-    if n_g == 2 and n_l == 8:  # SPEC: 16/18 and 2/18
+    if n_g == 2 and n_l == 8:  # docs/method.md §7: 16/18 and 2/18
         expected = 16 / 18 * out["local"] + 2 / 18 * out["global"]
         torch.testing.assert_close(out["loss"], expected)
 
@@ -250,7 +251,7 @@ def slow_koleo(x: torch.Tensor) -> float:
     total = 0.0
     for i, zi in enumerate(z):
         best_j = max((j for j in range(len(z)) if j != i), key=lambda j: float(zi @ z[j]))
-        total += -math.log(float((zi - z[best_j]).norm()) + 1e-8)
+        total += -math.log(float((zi - z[best_j] + 1e-8).norm()) + 1e-8)  # nn.PairwiseDistance(eps=1e-8)
     return total / len(z)
 
 
@@ -265,6 +266,17 @@ def test_koleo_on_circle_known_geometry():
     # Square: every neighbour at 90° → d = √2.
     sq = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     assert KoLeoLoss()(sq).item() == pytest.approx(-math.log(math.sqrt(2.0)), rel=1e-5)
+
+
+def test_koleo_identical_rows_match_reference_pairwise_distance():
+    # dinov3/loss/koleo_loss.py: nn.PairwiseDistance(2, eps=1e-8) computes ||a - b + eps||, so identical rows
+    # are at distance sqrt(D)·1e-8, not 0: loss = -log(sqrt(D)·1e-8 + 1e-8).
+    d = 16
+    x = torch.ones(2, d)
+    reference_distance = torch.nn.PairwiseDistance(2, eps=1e-8)(x[:1] / 4, x[:1] / 4).item()
+    expected = -math.log(math.sqrt(d) * 1e-8 + 1e-8)
+    assert reference_distance == pytest.approx(math.sqrt(d) * 1e-8)
+    assert KoLeoLoss()(x).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_koleo_matches_slow_reference_and_has_gradients():
@@ -340,7 +352,8 @@ def test_resize_patch_features():
     grid = torch.randn(b, d, h1, w1, generator=gen)
     tokens = grid.flatten(2).transpose(1, 2)  # (B, h·w, D), row-major
     out = resize_patch_features(tokens, (h1, w1), (h2, w2))
-    expected = F.interpolate(grid, size=(h2, w2), mode="bicubic", align_corners=False, antialias=True)
+    # DINOv3 resizes the Gram teacher's patch map without antialiasing (global_teacher_resize_antialias: false).
+    expected = F.interpolate(grid, size=(h2, w2), mode="bicubic", align_corners=False, antialias=False)
     assert out.shape == (b, h2 * w2, d)
     torch.testing.assert_close(out, expected.flatten(2).transpose(1, 2))
     const = torch.full((1, h1 * w1, d), 0.7)

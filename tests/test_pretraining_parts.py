@@ -21,30 +21,46 @@ from meddinov3_hf.pretraining.schedules import (
     cosine_schedule,
     linear_warmup_then_constant,
     param_groups,
+    scaled_lr,
 )
 
 # ---------------------------------------------------------------------------------------------------------
 # Head
 
 
-def test_dino_head_shapes_unit_prototypes_and_last_layer():
+def test_dino_head_is_dinov3s_plain_bias_free_head():
     head = DINOHead(in_dim=32, out_dim=50, hidden_dim=24, bottleneck_dim=8, nlayers=3)
-    logits = head(torch.randn(3, 5, 32))
+    x = torch.randn(3, 5, 32)
+    logits = head(x)
     assert logits.shape == (3, 5, 50)
-    # Unit-norm bottleneck and unit-norm prototypes → logits are cosines.
-    assert logits.abs().max() <= 1.0 + 1e-5
-    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(50))
-    magnitude = head.last_layer.parametrizations.weight.original0
-    assert not magnitude.requires_grad
-    direction = head.last_layer.parametrizations.weight.original1
+    # DINOv3 (dinov3/layers/dino_head.py): a plain bias-free Linear after the L2-normalised bottleneck, no
+    # weight norm; the state dict has exactly the release's key names.
+    assert type(head.last_layer) is nn.Linear and head.last_layer.bias is None
+    assert sorted(head.state_dict()) == [
+        "last_layer.weight",
+        "mlp.0.bias",
+        "mlp.0.weight",
+        "mlp.2.bias",
+        "mlp.2.weight",
+        "mlp.4.bias",
+        "mlp.4.weight",
+    ]
+    z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    torch.testing.assert_close(logits, z @ head.last_layer.weight.t())
+    direction = head.last_layer.weight
     assert head.last_layer_parameters() == [direction]
+    assert sorted(DINOHead(32, 50, 24, 8, nlayers=1).state_dict()) == [
+        "last_layer.weight",
+        "mlp.bias",
+        "mlp.weight",
+    ]
     linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
     assert [m.out_features for m in linears] == [24, 24, 8]
     assert all(m.bias.abs().max() == 0 for m in linears)
     assert all(m.weight.std() < 0.03 for m in linears)
     assert sum(isinstance(m, nn.GELU) for m in head.mlp) == 2
     logits.sum().backward()
-    assert direction.grad is not None and magnitude.grad is None
+    assert direction.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +167,8 @@ def test_pretrain_schedules_from_config():
     }
     s = PretrainSchedules.from_config(cfg)
     assert len(s) == 40
-    peak = 1e-3 * math.sqrt(256 / 1024)
+    peak = 1e-3 * 4 * math.sqrt(256 / 1024)  # DINOv3 sqrt_wrt_1024: 4·sqrt(B/1024) → 2e-3 at B = 256
+    assert peak == pytest.approx(2e-3)
     assert s.lr[0] == 0.0 and s.lr[10] == pytest.approx(peak) and s.lr.max() == pytest.approx(peak)
     assert s.lr[-1] == pytest.approx(1e-6)
     assert np.all(s.last_layer_lr[:10] == 0.0) and np.array_equal(s.last_layer_lr[10:], s.lr[10:])
@@ -164,6 +181,60 @@ def test_pretrain_schedules_from_config():
     assert s.at(10_000) == s.at(39)
     # No batch size → no scaling.
     assert PretrainSchedules.from_config({**cfg, "batch_size": None}).lr.max() == pytest.approx(1e-3)
+
+
+def test_lr_scaling_rule_is_dinov3s_sqrt_wrt_1024():
+    # dinov3/configs/config.py: lr *= 4 * sqrt(B / 1024); at B = 1024 the peak is 4x base_lr.
+    assert scaled_lr(1e-3, 1024) == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 64) == pytest.approx(1e-3)
+    assert scaled_lr(1e-3, 16) == pytest.approx(5e-4)
+    assert scaled_lr(1e-3, None) == 1e-3
+
+
+def test_total_steps_makes_every_schedule_span_it():
+    # --max_steps N: the full recipe compressed into N steps (warm-ups and freezes in proportion).
+    cfg = {
+        "epochs": 100,
+        "iters_per_epoch": 1250,
+        "warmup_epochs": 10,
+        "warmup_teacher_temp_epochs": 30,
+        "freeze_last_layer_epochs": 1,
+        "batch_size": 1024,
+        "total_steps": 200,
+    }
+    s = PretrainSchedules.from_config(cfg)
+    assert len(s) == 200
+    assert s.lr[20] == pytest.approx(4e-3) and s.lr.max() == pytest.approx(4e-3)  # warm-up = 10 % of 200
+    assert s.lr[-1] == pytest.approx(1e-6) and s.momentum[-1] == pytest.approx(1.0)
+    assert np.all(s.last_layer_lr[:2] == 0) and s.last_layer_lr[2] > 0
+    assert s.teacher_temp[60] == pytest.approx(0.07) and s.teacher_temp[59] < 0.07
+    assert s.lr[4] > 1e-4  # a short run trains at a real lr, not at ~0 as a 125 000-step schedule would
+    full = PretrainSchedules.from_config({**cfg, "total_steps": None})
+    assert len(full) == 125_000 and full.lr[4] < 2e-6
+
+
+def test_constant_lr_schedule_of_later_stages():
+    # DINOv3 v2 schedules with peak == end (dinov3_vit7b16_gram_anchor.yaml): warm-up from 0, then constant.
+    cfg = {
+        "lr_schedule": "constant",
+        "epochs": 2,
+        "iters_per_epoch": 10,
+        "base_lr": 1e-5,
+        "min_lr": 1e-6,
+        "warmup_epochs": 0.5,
+        "wd": 0.04,
+        "wd_end": 0.04,
+        "momentum_teacher": 0.999,
+        "final_momentum_teacher": 0.999,
+        "batch_size": 256,
+    }
+    s = PretrainSchedules.from_config(cfg)
+    peak = 1e-5 * 4 * math.sqrt(256 / 1024)
+    assert s.lr[0] == 0.0 and np.all(np.diff(s.lr[:6]) > 0)
+    np.testing.assert_allclose(s.lr[5:], peak)
+    np.testing.assert_allclose(s.wd, 0.04) and np.testing.assert_allclose(s.momentum, 0.999)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        PretrainSchedules.from_config({**cfg, "lr_schedule": "linear"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +273,6 @@ def test_param_groups_layer_decay_wd_and_last_layer():
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert {n for n, p in params.items() if id(p) in by_param} == trainable
-    assert "dino_head.last_layer.parametrizations.weight.original0" not in trainable
 
     def group(name: str) -> dict:
         return by_param[id(params[name])]
@@ -219,7 +289,7 @@ def test_param_groups_layer_decay_wd_and_last_layer():
         "backbone.model.layer.1.layer_scale2.lambda1": 0.9,
         "backbone.norm.weight": 1.0,
         "dino_head.mlp.0.weight": 1.0,
-        "ibot_head.last_layer.parametrizations.weight.original1": 1.0,
+        "ibot_head.last_layer.weight": 1.0,
     }
     for name, mult in expected_lr.items():
         assert group(name)["lr_multiplier"] == pytest.approx(mult), name
@@ -241,15 +311,15 @@ def test_param_groups_layer_decay_wd_and_last_layer():
         "backbone.model.layer.0.attention.k_proj.weight",
         "backbone.model.layer.1.mlp.down_proj.weight",
         "dino_head.mlp.4.weight",
-        "dino_head.last_layer.parametrizations.weight.original1",
+        "dino_head.last_layer.weight",
     ]
     assert all(group(n)["wd_multiplier"] == 0.0 for n in no_wd)
     assert all(group(n)["wd_multiplier"] == 1.0 for n in with_wd)
 
     last = {n for n in trainable if group(n)["is_last_layer"]}
     assert last == {
-        "dino_head.last_layer.parametrizations.weight.original1",
-        "ibot_head.last_layer.parametrizations.weight.original1",
+        "dino_head.last_layer.weight",
+        "ibot_head.last_layer.weight",
     }
     # Groups are keyed by (lr, wd, last-layer): 4 lr levels (+ patch embed) × wd on/off + last layer.
     assert len(groups) <= 2 * 5 + 1
@@ -358,3 +428,14 @@ def test_collate_multicrop():
     assert batch["global_gram"].shape == (2, 4, 1, 64, 64)
     assert torch.equal(batch["global"][:, 2], samples[2]["global"])
     assert torch.equal(batch["local"][1, 3], samples[3]["local"][1])
+
+
+def test_fresh_head_prototype_rows_dinov3_or_unit():
+    torch.manual_seed(0)
+    dinov3 = DINOHead(32, out_dim=500, hidden_dim=24, bottleneck_dim=8)  # dinov3/layers/dino_head.py init
+    assert float(dinov3.last_layer.weight.std()) == pytest.approx(0.02, rel=0.15)
+    unit = DINOHead(32, out_dim=500, hidden_dim=24, bottleneck_dim=8, last_layer_init="unit")
+    torch.testing.assert_close(unit.last_layer.weight.norm(dim=1), torch.ones(500))
+    assert type(unit.last_layer) is nn.Linear  # still a plain, freely trained layer
+    with pytest.raises(ValueError, match="last_layer_init"):
+        DINOHead(32, 50, last_layer_init="weight_norm")

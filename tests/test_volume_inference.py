@@ -183,7 +183,9 @@ def test_cli_segment_folder_and_evaluate(tmp_path, model_dir, capsys):
     for i in range(2):
         _write_scan(tmp_path / "in" / f"case{i}_0000.nii.gz")
     assert _segment(str(tmp_path / "in"), str(tmp_path / "pred"), str(model_dir)) == 0
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "case0.labels.json", "case0.nii.gz", "case1.labels.json", "case1.nii.gz"
+    ]  # fmt: skip
     code = cli_main(
         [
             "evaluate",

@@ -425,9 +425,39 @@ def test_dicom_non_uniform_and_multi_series(tmp_path: Path) -> None:
     for f in (both / "x").iterdir():
         shutil.move(f, both / f"other_{f.name}")
     (both / "x").rmdir()
-    with pytest.warns(UserWarning, match="2 DICOM series"):
-        vol = load_volume(both)
+    # Two series in one folder: refused with both UIDs (never one picked by file order), unless one is chosen.
+    with pytest.raises(VolumeError, match=r"2 DICOM series.*1\.2\.3\.4.*9\.9\.9.*--series"):
+        load_volume(both)
+    vol = load_volume(both, series="1.2.3.4")
     assert vol.hu.shape[0] == 4 and np.array_equal(vol.hu[3], raws[3] * 2.0 - 1024)
+    assert load_volume(both, series="9.9.9").hu.shape[0] == 2
+    with pytest.raises(VolumeError, match="no DICOM series 7.7"):
+        load_volume(both, series="7.7")
+
+
+def test_dicom_direction_cosines_are_normalised(tmp_path: Path) -> None:
+    """Rounded, slightly non-unit ImageOrientationPatient: voxel sizes and corners stay exact."""
+    folder = tmp_path / "oblique"
+    folder.mkdir()
+    angle = np.deg2rad(20)
+    row, col = np.array([np.cos(angle), np.sin(angle), 0]), np.array([-np.sin(angle), np.cos(angle), 0])
+    stored = np.concatenate([row * 1.0004, col * 0.9996])  # |row| = 1.0004, as rounded headers give
+    for k in range(3):
+        _dicom_slice(
+            folder / f"s{k}.dcm",
+            np.zeros((6, 7), np.int16),
+            row * 0 + [0, 0, 2.0 * k],
+            stored,
+            [0.5, 0.5],
+            1.0,
+            -1024.0,
+            "1.2",
+        )
+    with pytest.warns(UserWarning):  # all air: not HU-looking
+        vol = load_volume(folder)
+    assert vol.spacing == pytest.approx((2.0, 0.5, 0.5), abs=1e-6)
+    assert np.linalg.norm(vol.affine[:3, 0]) == pytest.approx(0.5, abs=1e-6)
+    assert np.linalg.norm(vol.affine[:3, 1]) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_pydicom_ct_small_single_slice(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ Examples::
     accelerate launch training/pretrain.py --config training/configs/stage1.yaml ... --resume
 
 Any config value can be overridden with ``section.key=value`` (see src/meddinov3_hf/pretraining/config.py).
+``--max_steps N`` makes every schedule span N steps (as finetune.py's Trainer); ``--stop_at_step N`` stops early
+with the full schedules. ``--init`` also takes the MedDINOv3 release ``.pth`` or a folder converted from it: the
+run then continues from its backbone and DINO/iBOT heads.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-# Reference intensity normalisation of MedDINOv3 (SPEC §3): clip to [-1000, 1000] HU, then z-score.
+# Reference intensity normalisation of MedDINOv3 (docs/method.md §3): clip to [-1000, 1000] HU, then z-score.
 CT_CLIP_RANGE: tuple[float, float] = (-1000.0, 1000.0)
 CT_MEAN: float = 65.1084213256836
 CT_STD: float = 178.01663208007812
@@ -26,6 +27,45 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "mediastinum": (50.0, 350.0),
 }
+
+
+def as_target_spacing(value: float | Sequence[float] | None) -> tuple[float, float] | None:
+    """The in-plane working spacing as one type: a (row, col) tuple in mm (one value means both axes), or None
+    for the native spacing."""
+    if value is None:
+        return None
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    values = values * 2 if len(values) == 1 else values
+    if len(values) != 2 or not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"target_spacing must be one or two positive mm values or None, got {value!r}")
+    return values[0], values[1]
+
+
+def resampled_extent(
+    shape_yx: Sequence[int], spacing_yx: Sequence[float], target_spacing: Sequence[float] | None
+) -> tuple[float, float]:
+    """(rows, cols) a slice of `shape_yx` pixels at `spacing_yx` mm spans at `target_spacing`, before rounding:
+    n · s / t per axis (the slice's field of view is kept); the shape itself without a target spacing."""
+    if target_spacing is None:
+        return float(shape_yx[0]), float(shape_yx[1])
+    rows, cols = (n * s / t for n, s, t in zip(shape_yx, spacing_yx, target_spacing))
+    return rows, cols
+
+
+def resampled_shape(
+    shape_yx: Sequence[int], spacing_yx: Sequence[float], target_spacing: Sequence[float] | None
+) -> tuple[int, int]:
+    """(rows, cols) after resampling to `target_spacing`: `resampled_extent` rounded, at least one pixel."""
+    rows, cols = (max(1, round(e)) for e in resampled_extent(shape_yx, spacing_yx, target_spacing))
+    return rows, cols
+
+
+def spacing_for_patch(original_spacing: float, original_patch: int = 512, patch_size: int = 896) -> float:
+    """The in-plane spacing that turns an `original_patch` field of view into `patch_size` pixels.
+
+    The "896 rule" of the reference fine-tuning (docs/method.md §3): 0.78125 mm at 512 px becomes 0.4464 mm.
+    """
+    return float(original_spacing) * original_patch / patch_size
 
 
 def normalize_hu(
@@ -94,8 +134,9 @@ class MedDINOv3ImageProcessor(BaseImageProcessor):
             std = width / 2 (values in [-1, 1]).
         image_mean / image_std (`float`): z-score statistics; defaults are MedDINOv3's CT statistics.
         size (`dict`, *optional*): `{"height": h, "width": w}` to resize every slice to.
-        target_spacing (`list[float]`, *optional*): in-plane working spacing (row, col) in mm; slices with a known
-            spacing (DICOM, or `spacing=` at call time) are resampled to it when `size` is not set.
+        target_spacing (`tuple[float, float]`, *optional*): in-plane working spacing (row, col) in mm (one value
+            means both axes); slices with a known spacing (DICOM, or `spacing=` at call time) are resampled to it
+            when `size` is not set.
         size_divisor (`int`, defaults to 16): otherwise slices are resized to the nearest multiple of it.
         num_output_channels (`int`, defaults to 1): 1 for MedDINOv3 (it folds the patch kernel); 3 repeats the
             channel for models that need RGB-shaped input.
@@ -130,7 +171,7 @@ class MedDINOv3ImageProcessor(BaseImageProcessor):
         if size is not None and set(size) != {"height", "width"}:
             raise ValueError(f"size must be {{'height': h, 'width': w}}, got {size}")
         self.size = dict(size) if size is not None else None
-        self.target_spacing = [float(s) for s in target_spacing] if target_spacing is not None else None
+        self.target_spacing = as_target_spacing(target_spacing)
         self.size_divisor = int(size_divisor)
         if num_output_channels not in (1, 3):
             raise ValueError(f"num_output_channels must be 1 or 3, got {num_output_channels}")
@@ -181,13 +222,17 @@ class MedDINOv3ImageProcessor(BaseImageProcessor):
     def _output_size(self, height: int, width: int, spacing: tuple[float, float] | None) -> tuple[int, int]:
         if self.size is not None:
             return self.size["height"], self.size["width"]
-        if self.target_spacing is not None and spacing is not None:
-            height = height * spacing[0] / self.target_spacing[0]
-            width = width * spacing[1] / self.target_spacing[1]
+        if spacing is not None:
+            height, width = resampled_extent((height, width), spacing, self.target_spacing)
         divisor = self.size_divisor
         return max(divisor, round(height / divisor) * divisor), max(divisor, round(width / divisor) * divisor)
 
     # -- public API -------------------------------------------------------------------------------------------
+    def resampled_shape(self, shape_yx: Sequence[int], spacing_yx: Sequence[float]) -> tuple[int, int]:
+        """In-plane size (rows, cols) of a slice at `spacing_yx` after resampling to `target_spacing` (unchanged
+        without one); training transforms and whole-volume inference size their grids with this rule."""
+        return resampled_shape(shape_yx, spacing_yx, self.target_spacing)
+
     def normalize(self, hu: torch.Tensor) -> torch.Tensor:
         """Clip to the window and z-score; any shape, float32 out."""
         return normalize_hu(hu, tuple(self.clip_range), self.image_mean, self.image_std)

@@ -1,4 +1,7 @@
-"""Segmentation metrics (Dice, HD95, normalized surface Dice) for label maps and NIfTI folders.
+"""Segmentation metrics (Dice, HD95, normalized surface Dice) of label arrays, and their means over cases.
+
+Pure numpy/scipy: this module imports nothing else from the package. Files and folders are scored by
+:mod:`meddinov3_hf.volumes.evaluation`, which reads them and calls :func:`compute_segmentation_metrics`.
 
 Conventions (chosen so that no metric is ever NaN and means over classes/cases stay defined):
 
@@ -23,27 +26,20 @@ between surface voxel centres (``scipy.ndimage.distance_transform_edt`` with ``s
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from meddinov3_hf.volumes.io import atomic_path, case_name, list_volumes
-
 __all__ = [
     "METRIC_PATH",
     "compute_segmentation_metrics",
     "dice_score",
-    "evaluate_folders",
     "hd95",
+    "mean_over_cases",
     "normalized_surface_dice",
-    "write_metrics",
 ]
 
 #: Path of the ``evaluate`` metric script: ``evaluate.load(METRIC_PATH)``.
@@ -76,6 +72,15 @@ def _spacing(spacing: Sequence[float] | float | None, ndim: int) -> np.ndarray:
     if sp.shape != (ndim,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing must be {ndim} positive numbers (one per mask axis), got {spacing!r}")
     return sp
+
+
+def _surface_inputs(
+    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float] | float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool]:
+    """(pred, gt, spacing per axis, pred non-empty, gt non-empty) for the surface metrics."""
+    pred, gt = _pair(pred_mask, gt_mask)
+    sp = _spacing(spacing, pred.ndim)
+    return pred, gt, sp, bool(pred.any()), bool(gt.any())
 
 
 def _diagonal_mm(shape: tuple[int, ...], spacing: np.ndarray) -> float:
@@ -130,9 +135,7 @@ def hd95(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float] | 
     Returns:
         0.0 if both masks are empty; the image diagonal in mm if exactly one is empty.
     """
-    pred, gt = _pair(pred_mask, gt_mask)
-    sp = _spacing(spacing, pred.ndim)
-    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    pred, gt, sp, has_pred, has_gt = _surface_inputs(pred_mask, gt_mask, spacing)
     if not has_pred and not has_gt:
         return 0.0
     if has_pred != has_gt:
@@ -149,13 +152,17 @@ def normalized_surface_dice(
 ) -> float:
     """Normalized surface Dice at ``tolerance_mm`` in [0, 1] (see the module docstring).
 
-    Args: as :func:`hd95`, plus ``tolerance_mm`` >= 0. Returns 1.0 if both are empty, 0.0 if one is.
+    Args:
+        pred_mask, gt_mask: same-shape boolean-like masks, as :func:`hd95`.
+        spacing: voxel size in mm per axis; default 1 mm.
+        tolerance_mm: distance (>= 0) within which a surface voxel counts as matched.
+
+    Returns:
+        1.0 if both masks are empty, 0.0 if exactly one is.
     """
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
-    pred, gt = _pair(pred_mask, gt_mask)
-    sp = _spacing(spacing, pred.ndim)
-    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    pred, gt, sp, has_pred, has_gt = _surface_inputs(pred_mask, gt_mask, spacing)
     if not has_pred and not has_gt:
         return 1.0
     if has_pred != has_gt:
@@ -230,165 +237,33 @@ def compute_segmentation_metrics(
     return out
 
 
-# --------------------------------------------------------------------------------------------------------
-# NIfTI files and folders
-# --------------------------------------------------------------------------------------------------------
-
-
-def _read_label_nifti(path: Path) -> tuple[np.ndarray, Any]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)  # applies scaling if the header has any
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # corrupt / truncated / not NIfTI
-        raise ValueError(f"{path}: cannot read label volume ({type(exc).__name__}: {exc})") from exc
-    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
-        data = data.reshape(data.shape[:3])
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ValueError(f"{path}: label volume has non-integer or NaN values")
-        data = data.astype(np.int64)
-    return data, img
-
-
-def _index(path: Path) -> dict[str, Path]:
-    """Case name -> file for a NIfTI file or a folder of them."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    files = list_volumes(path) if path.is_dir() else [path]
-    cases: dict[str, Path] = {}
-    for f in files:
-        name = case_name(f)
-        if name in cases:
-            raise ValueError(f"{path}: files {cases[name].name} and {f.name} both map to case '{name}'")
-        cases[name] = f
-    if not cases:
-        raise ValueError(f"{path}: no .nii/.nii.gz files found")
-    return cases
-
-
-def evaluate_folders(
-    pred: str | os.PathLike[str],
-    gt: str | os.PathLike[str],
-    labels: Mapping[int, str] | None = None,
-    tolerance_mm: float = 1.0,
-) -> dict[str, Any]:
-    """Score predicted label NIfTIs against ground-truth ones.
+def mean_over_cases(
+    per_case: Iterable[Mapping[str, Mapping[str, Any]]], counts: bool = False
+) -> dict[str, dict[str, float | int]]:
+    """Per class (and "mean"), the average of each score over the cases in which it was scored.
 
     Args:
-        pred, gt: a NIfTI file each, or a folder each; folder files are matched by
-            :func:`~meddinov3_hf.volumes.io.case_name` (``case_0000.nii.gz`` matches ``case.nii.gz``).
-        labels, tolerance_mm: as :func:`compute_segmentation_metrics`.
-
-    Metrics are computed in the files' stored voxel order with the gt header's voxel sizes. Cases present
-    on only one side are warned about, listed under ``"missing_predictions"`` / ``"extra_predictions"``
-    and excluded from the means; if no case matches a ``ValueError`` is raised.
+        per_case: one result per case, each ``{class: {"dice", "hd95", "nsd", ...}, "mean": {...}}`` as
+            :func:`compute_segmentation_metrics` returns; a case may carry only some of the scores (e.g.
+            Dice alone) and only some of the classes.
+        counts: also give each entry ``"n_cases"``, the number of cases it was averaged over.
 
     Returns:
-        ``{"cases": {case: {"pred": path, "gt": path, "metrics": <compute_segmentation_metrics>}},
-        "mean": {class: {"dice","hd95","nsd","n_cases"}, ..., "mean": {...}}, "missing_predictions": [...],
-        "extra_predictions": [...], "tolerance_mm": float}`` — per-class means are over the cases in which
-        the class was scored; the overall "mean" averages the per-case means.
+        ``{class: {score: mean, ...}, ..., "mean": {...}}``: classes in the order first seen, "mean" last.
+        The "mean" entry averages the per-case means, so every case weighs the same.
     """
-    pred_path, gt_path = Path(pred), Path(gt)
-    if pred_path.is_dir() != gt_path.is_dir() and pred_path.exists() and gt_path.exists():
-        raise ValueError(f"pred {pred_path} and gt {gt_path} must both be files or both be folders")
-    pred_cases, gt_cases = _index(pred_path), _index(gt_path)
-    if not pred_path.is_dir():  # single file pair: match regardless of names
-        pred_cases = {next(iter(gt_cases)): next(iter(pred_cases.values()))}
-    matched = sorted(set(pred_cases) & set(gt_cases))
-    missing = sorted(set(gt_cases) - set(pred_cases))
-    extra = sorted(set(pred_cases) - set(gt_cases))
-    if not matched:
-        raise ValueError(
-            f"no case names match between pred {pred_path} ({sorted(pred_cases)[:5]}...) and gt {gt_path} "
-            f"({sorted(gt_cases)[:5]}...)"
-        )
-    if missing or extra:
-        warnings.warn(
-            f"evaluate_folders: {len(missing)} gt case(s) without prediction {missing}, "
-            f"{len(extra)} prediction(s) without gt {extra}; they are excluded from the means",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    cases: dict[str, Any] = {}
-    for name in matched:
-        p_file, g_file = pred_cases[name], gt_cases[name]
-        p_data, p_img = _read_label_nifti(p_file)
-        g_data, g_img = _read_label_nifti(g_file)
-        if p_data.shape != g_data.shape:
-            raise ValueError(
-                f"shape mismatch: pred {p_file} has {p_data.shape}, gt {g_file} has {g_data.shape}"
-            )
-        if g_data.ndim != 3:
-            raise ValueError(f"{g_file}: expected a 3-D label volume, got shape {g_data.shape}")
-        if not np.allclose(p_img.affine, g_img.affine, atol=1e-3):
-            warnings.warn(
-                f"{p_file}: affine differs from {g_file}; the prediction may be misoriented",
-                UserWarning,
-                stacklevel=2,
-            )
-        zooms = tuple(float(z) for z in g_img.header.get_zooms()[:3])
-        if any(not np.isfinite(z) or z <= 0 for z in zooms):
-            raise ValueError(f"{g_file}: invalid voxel sizes {zooms} in header")
-        metrics = compute_segmentation_metrics(p_data, g_data, zooms, labels, tolerance_mm)
-        cases[name] = {"pred": str(p_file), "gt": str(g_file), "metrics": metrics}
-
-    mean: dict[str, Any] = {}
-    class_names = sorted({c for v in cases.values() for c in v["metrics"] if c != "mean"})
-    for cls in class_names:
-        rows = [v["metrics"][cls] for v in cases.values() if cls in v["metrics"]]
-        mean[cls] = {k: float(np.mean([r[k] for r in rows])) for k in _SCORES} | {"n_cases": len(rows)}
-    mean["mean"] = {k: float(np.mean([v["metrics"]["mean"][k] for v in cases.values()])) for k in _SCORES}
-    return {
-        "cases": cases,
-        "mean": mean,
-        "missing_predictions": missing,
-        "extra_predictions": extra,
-        "tolerance_mm": float(tolerance_mm),
-    }
-
-
-def _csv_rows(results: Mapping[str, Any]) -> list[list[Any]]:
-    rows: list[list[Any]] = []
-    if "cases" in results:
-        for case, entry in results["cases"].items():
-            for cls, m in entry["metrics"].items():
-                rows.append([case, cls, m["dice"], m["hd95"], m["nsd"]])
-        for cls, m in results.get("mean", {}).items():
-            rows.append(["mean", cls, m["dice"], m["hd95"], m["nsd"]])
-    else:  # a single compute_segmentation_metrics result
-        for cls, m in results.items():
-            rows.append(["", cls, m["dice"], m["hd95"], m["nsd"]])
-    return rows
-
-
-def write_metrics(
-    results: Mapping[str, Any],
-    json_path: str | os.PathLike[str],
-    csv_path: str | os.PathLike[str] | None = None,
-) -> None:
-    """Write ``results`` (from :func:`evaluate_folders` or :func:`compute_segmentation_metrics`) as JSON
-    and optionally as a CSV table with columns case, class, dice, hd95, nsd (case "mean" = averages).
-    Both files are written atomically."""
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, Path):
-            return str(obj)
-        raise TypeError(f"cannot serialize {type(obj).__name__}")
-
-    text = json.dumps(results, indent=2, default=default, allow_nan=False)
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    if csv_path is not None:
-        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["case", "class", "dice", "hd95", "nsd"])
-            for row in _csv_rows(results):
-                writer.writerow([row[0], row[1], *(f"{float(v):.6g}" for v in row[2:])])
+    collected: dict[str, dict[str, list[float]]] = {}
+    seen: dict[str, int] = {}
+    for scores in per_case:
+        for name, values in scores.items():
+            seen[name] = seen.get(name, 0) + 1
+            for key in _SCORES:
+                if key in values:
+                    collected.setdefault(name, {}).setdefault(key, []).append(float(values[key]))
+    order = [n for n in collected if n != "mean"] + (["mean"] if "mean" in collected else [])
+    out: dict[str, dict[str, float | int]] = {}
+    for name in order:
+        out[name] = {k: float(np.mean(v)) for k, v in collected[name].items()}
+        if counts:
+            out[name]["n_cases"] = seen[name]
+    return out

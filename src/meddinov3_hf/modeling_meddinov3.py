@@ -12,6 +12,7 @@ The transformer itself is transformers' DINOv3 ViT; MedDINOv3 only adds
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SemanticSegmenterOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention,
     DINOv3ViTBackbone,
@@ -34,8 +36,51 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     eager_attention_forward,
     rotate_half,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .configuration_meddinov3 import MedDINOv3Config
+from .decoder_meddinov3 import MedDINOv3Decoder, _patch_size, segmentation_loss
+from .progress import quiet_weight_bars
+
+logger = logging.getLogger(__name__)
+
+# Folders saved by transformers' DINOv3ViTModel / DINOv3ViTBackbone (the layout of every `facebook/dinov3-*`
+# repo) name the encoder blocks `layer.N.*`, ours `model.layer.N.*`. transformers renames these at load time for
+# `dinov3_vit` only (conversion_mapping.py); custom classes get a conversion only when it is registered under
+# their class name or model type. Class names, not the `meddinov3` type: a type mapping would also be applied,
+# scoped, to the nested encoder and prefix its keys twice. The escaped dot leaves `layer_scale1/2` untouched.
+DINOV3_LAYER_RENAMING = (r"(?<!model\.)layer\.", "model.layer.")
+CONVERTED_CLASS_NAMES = ("MedDINOv3Model", "MedDINOv3Backbone", "MedDINOv3ForSemanticSegmentation")
+
+
+def register_dinov3_key_conversion() -> None:
+    """Register the DINOv3 → MedDINOv3 key renaming for our classes (idempotent; runs on import)."""
+    for name in CONVERTED_CLASS_NAMES:
+        register_checkpoint_conversion_mapping(name, [WeightRenaming(*DINOV3_LAYER_RENAMING)], overwrite=True)
+
+
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_meddinov3.MedDINOv3Config",
+    "AutoModel": "modeling_meddinov3.MedDINOv3Model",
+    "AutoBackbone": "modeling_meddinov3.MedDINOv3Backbone",
+    "AutoModelForSemanticSegmentation": "modeling_meddinov3.MedDINOv3ForSemanticSegmentation",
+}
+
+
+class WeightLoadingError(ValueError):
+    """A checkpoint that does not provide exactly the backbone weights a MedDINOv3 class needs."""
+
+
+# What `forward(**kwargs)` accepts: transformers' typed kwargs, plus `return_dict` (handled by the parent).
+ACCEPTED_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"return_dict"}
+
+
+def check_forward_kwargs(model: nn.Module, kwargs: dict) -> None:
+    """Reject keyword arguments a forward would otherwise swallow silently."""
+    unknown = sorted(set(kwargs) - ACCEPTED_FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword arguments {unknown}")
 
 
 class MedDINOv3Embeddings(DINOv3ViTEmbeddings):
@@ -161,6 +206,44 @@ class MedDINOv3PreTrainedModel(DINOv3ViTPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
     _no_split_modules = ["MedDINOv3Embeddings", "MedDINOv3Layer"]
 
+    # Quiet in notebooks: transformers' per-tensor loading/saving bars only when asked for
+    # (`meddinov3_hf.set_loading_progress(True)`); Hub download bars are unaffected.
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        with quiet_weight_bars():
+            return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
+        # save_original_format=False: the load-time DINOv3 key renaming is not reversed, so folders keep this
+        # package's layout (`model.layer.N.*`) whatever was loaded.
+        if type(self)._auto_class is not None:
+            # Every Auto class of the package in `auto_map`, whichever class saves (a segmentation folder also
+            # loads with AutoModel / AutoBackbone).
+            self.config.auto_map = dict(getattr(self.config, "auto_map", None) or {}) | REMOTE_CODE_AUTO_MAP
+        with quiet_weight_bars():
+            return super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """transformers only warns (a table) when weights are missing or unexpected; here any backbone weight
+        missing, unexpected or of the wrong shape raises `WeightLoadingError` with the key names. A freshly
+        initialised decoder (a fine-tune starting from a backbone) is the one expected case: one log line."""
+        source = getattr(load_config, "pretrained_model_name_or_path", None)
+        ignore_mismatched = bool(getattr(load_config, "ignore_mismatched_sizes", False))
+        handled = not loading_info.error_msgs and not loading_info.conversion_errors
+        handled = handled and (ignore_mismatched or not loading_info.mismatched_keys)
+        report_filter = _DropLoadReport() if handled else None
+        transformers_logger = logging.getLogger("transformers.modeling_utils")
+        if report_filter is not None:
+            transformers_logger.addFilter(report_filter)
+        try:
+            loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        finally:
+            if report_filter is not None:
+                transformers_logger.removeFilter(report_filter)
+        check_loading_info(model, loading_info, source)
+        return loading_info
+
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "_he_init", False):
             # Decoder convolutions: He (Kaiming) normal with negative slope 1e-2 and zero bias, as the reference.
@@ -172,6 +255,59 @@ class MedDINOv3PreTrainedModel(DINOv3ViTPreTrainedModel):
             head_dim = module.head_dim
             periods = module.base ** (2 * torch.arange(head_dim // 4, dtype=torch.bfloat16) / (head_dim // 2))
             init.copy_(module.periods, periods)
+
+
+class _DropLoadReport(logging.Filter):
+    """Hides transformers' loading table; `check_loading_info` reports instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def check_loading_info(model: nn.Module, loading_info, source: object = None) -> None:
+    """Raise `WeightLoadingError` naming the keys if the backbone did not load exactly; log one line when the
+    decoder of a segmentation model was initialised fresh (entirely missing, or mismatched classes with
+    `ignore_mismatched_sizes=True`). A partially loaded decoder raises too."""
+    missing = set(loading_info.missing_keys)
+    unexpected = set(loading_info.unexpected_keys)
+    mismatched = {key for key, *_ in loading_info.mismatched_keys}
+    decoder_keys = {k for k in model.state_dict() if k.startswith("decoder.")}
+    problems = []
+    backbone_missing = sorted(k for k in missing if not k.startswith("decoder."))
+    if backbone_missing:
+        problems.append(f"missing backbone weights {_preview(backbone_missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights {_preview(sorted(unexpected))}")
+    backbone_mismatched = sorted(k for k in mismatched if not k.startswith("decoder."))
+    if backbone_mismatched:
+        problems.append(f"backbone weights of the wrong shape {_preview(backbone_mismatched)}")
+    decoder_missing = missing & decoder_keys
+    if decoder_missing and decoder_missing != decoder_keys:
+        problems.append(f"a partial decoder: missing {_preview(sorted(decoder_missing))}")
+    if problems:
+        raise WeightLoadingError(
+            f"{source}: cannot load {type(model).__name__} exactly: " + "; ".join(problems)
+        )
+    if decoder_missing:
+        logger.warning(
+            "%s: no decoder weights in %s; the decoder is freshly initialised (expected when starting a fine-tune "
+            "from a backbone)",
+            type(model).__name__,
+            source,
+        )
+    elif mismatched:
+        logger.warning(
+            "%s: decoder weights %s of %s have other shapes (e.g. another number of classes); they are freshly "
+            "initialised (ignore_mismatched_sizes=True)",
+            type(model).__name__,
+            _preview(sorted(mismatched)),
+            source,
+        )
+
+
+def _preview(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', … ({len(keys)} in all)' if len(keys) > limit else ''}]"
 
 
 class MedDINOv3Encoder(DINOv3ViTEncoder):
@@ -203,8 +339,12 @@ class MedDINOv3Model(MedDINOv3PreTrainedModel, DINOv3ViTModel):
         self.post_init()
 
     def forward(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
+        check_forward_kwargs(self, kwargs)
         check_pixel_values(pixel_values, self.config)
         return super().forward(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
 
@@ -236,13 +376,10 @@ class MedDINOv3Backbone(MedDINOv3PreTrainedModel, DINOv3ViTBackbone):
         self.num_features = [config.hidden_size for _ in range(config.num_hidden_layers + 1)]
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs):
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]):
+        check_forward_kwargs(self, kwargs)
         check_pixel_values(pixel_values, self.config)
         return super().forward(pixel_values, **kwargs)
-
-
-def _patch_size(config: MedDINOv3Config) -> int:
-    return config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
 
 
 def check_pixel_values(pixel_values: torch.Tensor, config: MedDINOv3Config) -> None:
@@ -259,120 +396,18 @@ def check_pixel_values(pixel_values: torch.Tensor, config: MedDINOv3Config) -> N
         )
 
 
-def channel_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm over the last (channel) dim in the activation's own dtype: autocast would upcast it to fp32,
-    doubling the memory of the decoder's largest maps; the CUDA kernel keeps fp32 statistics anyway."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)
-        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-
-
-class MedDINOv3DecoderStage(GradientCheckpointingLayer):
-    """ConvTranspose2d(k=2, s=2) → channel LayerNorm → GELU, computed on channels-last tokens.
-
-    A stride-2 kernel-2 transposed convolution has no overlap: each input pixel produces its own 2×2 block,
-    i.e. one matmul to 4·C_out channels. The decoder therefore keeps every map as a flat (pixels, channels)
-    matrix with the 2×2 sub-positions folded into the pixel axis and rearranges only the final logits."""
-
-    def __init__(self, in_channels: int, out_channels: int, eps: float):
-        super().__init__()
-        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.upsample._he_init = True
-        self.norm = nn.LayerNorm(out_channels, eps=eps)
-        self.activation = nn.GELU()
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(P, C_in) → (4·P, C_out); sub-position (i, j) of each pixel is the fastest-varying pixel index."""
-        weight = self.upsample.weight  # (C_in, C_out, 2, 2)
-        c_out = weight.shape[1]
-        weight = weight.permute(2, 3, 1, 0).reshape(4 * c_out, weight.shape[0])
-        bias = self.upsample.bias.repeat(4)
-        tokens = F.linear(tokens, weight.to(tokens.dtype), bias.to(tokens.dtype)).view(-1, c_out)
-        return self.activation(channel_layer_norm(tokens, self.norm))
-
-
-class MedDINOv3Decoder(nn.Module):
-    """Primus-style patch decoder: (B, C·L, h, w) aggregated tokens → (B, num_labels, p·h, p·w) logits."""
-
-    def __init__(self, config: MedDINOv3Config):
-        super().__init__()
-        widths = [config.hidden_size * len(config.aggregation_layers), *config.decoder_hidden_sizes]
-        self.stages = nn.ModuleList(
-            MedDINOv3DecoderStage(c_in, c_out, config.decoder_layer_norm_eps)
-            for c_in, c_out in zip(widths[:-1], widths[1:])
-        )
-        self.classifier = nn.Conv2d(widths[-1], config.num_labels, kernel_size=1)
-        self.classifier._he_init = True
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = features.shape
-        tokens = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        for stage in self.stages:
-            tokens = stage(tokens)
-        weight = self.classifier.weight.flatten(1)
-        logits = F.linear(tokens, weight.to(tokens.dtype), self.classifier.bias.to(tokens.dtype))
-        # Unfold the sub-positions: (B, h, w, i1, j1, ..., in, jn, K) → (B, K, h·2^n, w·2^n).
-        n = len(self.stages)
-        logits = logits.view(batch, height, width, *([2] * (2 * n)), -1)
-        rows = [1] + [3 + 2 * s for s in range(n)]
-        cols = [2] + [4 + 2 * s for s in range(n)]
-        logits = logits.permute(0, 3 + 2 * n, *rows, *cols)
-        return logits.reshape(batch, -1, height * 2**n, width * 2**n)
-
-
-def segmentation_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = 255,
-    dice_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    smooth: float = 1e-5,
-) -> torch.Tensor:
-    """Soft Dice over the foreground classes (batch Dice, as nnU-Net's 2-D setting) + cross-entropy.
-
-    logits (B, K, H, W), labels (B, H, W) integers in [0, K) or `ignore_index`. Pixels equal to `ignore_index`
-    count in neither term."""
-    num_labels = logits.shape[1]
-    if labels.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    labels = labels.long()
-    valid = labels != ignore_index
-    invalid = valid & ((labels < 0) | (labels >= num_labels))
-    if invalid.any():
-        found = sorted(set(labels[invalid].unique().tolist()))[:10]
-        raise ValueError(
-            f"labels contain values {found} outside [0, {num_labels}) (ignore_index={ignore_index})"
-        )
-    logits = logits.float()
-    if not valid.any():
-        return logits.sum() * 0
-    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index)
-    # Per-class soft counts without a (B, K, H, W) one-hot: gather the true-class probability and bincount.
-    probs = logits.softmax(dim=1)
-    targets = labels.where(valid, 0)
-    weight = valid.to(probs.dtype)
-    true_prob = probs.gather(1, targets.unsqueeze(1)).squeeze(1) * weight
-    intersection = torch.zeros(num_labels, device=logits.device).index_add_(
-        0, targets.flatten(), true_prob.flatten()
-    )
-    reference = torch.bincount(targets[valid], minlength=num_labels).to(probs.dtype)
-    predicted = probs.sum(dim=(0, 2, 3))
-    if not valid.all():
-        predicted = predicted - (probs * (1 - weight).unsqueeze(1)).sum(dim=(0, 2, 3))
-    dice = (2 * intersection[1:] + smooth) / (predicted[1:] + reference[1:] + smooth)
-    dice_loss = 1 - dice.mean() if num_labels > 1 else logits.sum() * 0
-    return ce_weight * ce + dice_weight * dice_loss
-
-
 class MedDINOv3ForSemanticSegmentation(MedDINOv3PreTrainedModel):
     """MedDINOv3 with multi-scale token aggregation: the final-normed patch tokens of
     `config.aggregation_layers` are concatenated (B, D·L, H/p, W/p) and decoded to logits (B, num_labels, H, W).
-    With `labels` (B, H, W), returns the Dice + cross-entropy loss."""
+    With `labels` (B, H, W), returns the Dice + cross-entropy loss. With `output_hidden_states` /
+    `output_attentions`, also every block's hidden states (embedding output first, as [`DINOv3ViTModel`]) and
+    attention maps; only then are the blocks after the deepest aggregated one computed."""
 
     # The loss is a per-batch mean computed here; the Trainer must not rescale it by the number of processes.
     accepts_loss_kwargs = False
 
     def __init__(self, config: MedDINOv3Config):
+        config.check_head_fields()
         super().__init__(config)
         self.meddinov3 = MedDINOv3Model(config)
         self.decoder = MedDINOv3Decoder(config)
@@ -383,9 +418,35 @@ class MedDINOv3ForSemanticSegmentation(MedDINOv3PreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemanticSegmenterOutput | tuple:
-        features = self.meddinov3.get_intermediate_layers(pixel_values, self.config.aggregation_layers)
+        check_forward_kwargs(self, kwargs)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        hidden_states = attentions = None
+        layers = self.config.aggregation_layers
+        if output_hidden_states or output_attentions:
+            check_pixel_values(pixel_values, self.config)
+            outputs = self.meddinov3(
+                pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions), **kwargs
+            )
+            patch = _patch_size(self.config)
+            height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+            # hidden_states[i + 1] is the output of block i (hidden_states[0] is the embedding output).
+            features = [
+                self.meddinov3.norm(outputs.hidden_states[i + 1][:, -height * width :])
+                .transpose(1, 2)
+                .reshape(pixel_values.shape[0], -1, height, width)
+                for i in layers
+            ]
+            hidden_states = outputs.hidden_states if output_hidden_states else None
+            attentions = outputs.attentions if output_attentions else None
+        else:  # fast path: stop after the deepest aggregated block
+            features = self.meddinov3.get_intermediate_layers(pixel_values, layers)
         logits = self.decoder(torch.cat(features, dim=1))
         loss = None
         if labels is not None:
@@ -397,9 +458,10 @@ class MedDINOv3ForSemanticSegmentation(MedDINOv3PreTrainedModel):
                 ce_weight=self.config.ce_loss_weight,
                 smooth=self.config.dice_smooth,
             )
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions
+        )
+        return output.to_tuple() if return_dict is False else output
 
 
 __all__ = [
@@ -409,3 +471,10 @@ __all__ = [
     "MedDINOv3PreTrainedModel",
     "segmentation_loss",
 ]
+
+register_dinov3_key_conversion()
+# transformers' custom-model convention: `save_pretrained` copies the defining modules next to the weights and
+# writes `auto_map` (completed in `MedDINOv3PreTrainedModel.save_pretrained`).
+MedDINOv3Model.register_for_auto_class("AutoModel")
+MedDINOv3Backbone.register_for_auto_class("AutoBackbone")
+MedDINOv3ForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")

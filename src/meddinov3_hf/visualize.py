@@ -49,9 +49,13 @@ def overlay_image(
     window: str | Sequence[float] = "abdomen",
     alpha: float = 0.45,
     spacing_yx: Sequence[float] | None = None,
+    orientation: Sequence[str] | None = None,
+    caption: str | None = None,
 ) -> Image.Image:
     """An RGB picture of a CT slice with its labels blended on top and a legend of the labels present.
-    `spacing_yx` stretches the picture so anisotropic pixels look right."""
+    `spacing_yx` stretches the picture so anisotropic pixels look right. `orientation` = patient directions
+    at the (top, bottom, left, right) edges, e.g. ("A", "P", "R", "L") for a canonical axial slice, drawn
+    at the edge midpoints; `caption` (slice, position, window) is written in the top-left corner."""
     if hu_slice.shape != labels.shape:
         raise ValueError(f"slice shape {hu_slice.shape} and label shape {labels.shape} differ")
     grey = window_to_uint8(hu_slice, window)
@@ -71,6 +75,8 @@ def overlay_image(
     names = label_names or {}
     legend = [(PALETTE[(v - 1) % len(PALETTE)], names.get(v, str(v))) for v in present]
     font = ImageFont.load_default()
+    if orientation is not None or caption:
+        _annotate(image, orientation, caption, font)
     row = 14
     canvas = Image.new("RGB", (image.width, image.height + row * max(1, len(legend)) + 6), (0, 0, 0))
     canvas.paste(image, (0, 0))
@@ -80,6 +86,75 @@ def overlay_image(
         draw.rectangle([4, y + 2, 14, y + 12], fill=tuple(colour))
         draw.text((20, y), str(name), fill=(255, 255, 255), font=font)
     return canvas
+
+
+def _annotate(image: Image.Image, orientation: Sequence[str] | None, caption: str | None, font) -> None:
+    """Orientation letters at the edge midpoints and a caption at the top left, white on black boxes."""
+    draw = ImageDraw.Draw(image)
+
+    def put(x: float, y: float, text: str, anchor: str) -> None:
+        box = draw.textbbox((x, y), text, font=font, anchor=anchor)
+        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor=anchor)
+
+    w, h = image.size
+    if orientation is not None:
+        top, bottom, left, right = orientation
+        put(w / 2, 3, top, "mt")
+        put(w / 2, h - 3, bottom, "mb")
+        put(3, h / 2, left, "lm")
+        put(w - 3, h / 2, right, "rm")
+    if caption:
+        put(3, 3 if orientation is None else 16, caption, "lt")
+
+
+def overlay_slice(
+    result: Mapping,
+    z: int | None = None,
+    window: str | Sequence[float] = "abdomen",
+    alpha: float = 0.45,
+    label_names: Mapping[int, str] | None = None,
+) -> Image.Image:
+    """Axial slice `z` of a canonical `ct-segmentation` result (`return_canonical=True`) with its labels and
+    legend, in radiological orientation, exactly as `meddinov3 overlay` draws it; a notebook shows the returned
+    PIL image inline. `z` defaults to the slice with the most labelled voxels, as in the command."""
+    missing = [key for key in ("hu", "labels", "spacing") if key not in result]
+    if missing:
+        raise ValueError(
+            f"result has no {missing}: call the pipeline with return_canonical=True to get canonical arrays"
+        )
+    hu, labels = np.asarray(result["hu"]), np.asarray(result["labels"])
+    if hu.shape != labels.shape or hu.ndim != 3:
+        raise ValueError(
+            f"canonical hu {hu.shape} and labels {labels.shape} must be the same (Z, Y, X) shape"
+        )
+    if z is None:
+        z = int(np.argmax((labels > 0).reshape(labels.shape[0], -1).sum(1)))
+    if not 0 <= z < labels.shape[0]:
+        raise ValueError(f"slice {z} outside [0, {labels.shape[0] - 1}]")
+    names = label_names if label_names is not None else result.get("label_names")
+    return overlay_image(
+        hu[z],
+        labels[z],
+        names,
+        window=window,
+        alpha=alpha,
+        spacing_yx=result["spacing"][1:],
+        orientation=("A", "P", "R", "L"),  # canonical axial slices are radiological
+        caption=axial_caption(result["affine"], hu.shape, z, window) if "affine" in result else None,
+    )
+
+
+def axial_caption(
+    canonical_affine: np.ndarray, shape: Sequence[int], z: int, window: str | Sequence[float]
+) -> str:
+    """The overlay's caption: slice index, its world z position (mm, at the slice centre) and the window."""
+    depth, rows, cols = shape
+    z_mm = float((np.asarray(canonical_affine) @ np.array([(cols - 1) / 2, (rows - 1) / 2, z, 1.0]))[2])
+    low, high = resolve_window(window)
+    return (
+        f"slice {z}/{depth - 1}  z {z_mm:+.1f} mm  window {window} (L {(low + high) / 2:g} W {high - low:g})"
+    )
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

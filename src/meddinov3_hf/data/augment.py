@@ -1,4 +1,4 @@
-"""2-D training / evaluation transforms for CT slices (nnU-Net 2-D default augmentation, SPEC §4), in torch.
+"""2-D training / evaluation transforms for CT slices in torch (nnU-Net 2-D defaults, docs/method.md §4).
 
 Spatial work is ONE `grid_sample` per tensor: in-plane resampling to the working spacing, the patch crop
 (with padding), rotation, scaling and mirroring are composed into a single affine map from output to input
@@ -27,7 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meddinov3_hf.image_processing_meddinov3 import normalize_hu
+from meddinov3_hf.image_processing_meddinov3 import (
+    MedDINOv3ImageProcessor,
+    as_target_spacing,
+    normalize_hu,
+    resampled_extent,
+    resampled_shape,
+    spacing_for_patch,
+)
 
 __all__ = [
     "AIR_HU",
@@ -46,11 +53,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((int(state[0]) << 31) ^ int(state[1]))  # < 2**63
     return g
-
-
-def spacing_for_patch(original_spacing: float, original_patch: int = 512, patch_size: int = 896) -> float:
-    """SPEC §3: the in-plane spacing that turns an `original_patch` field of view into `patch_size` pixels."""
-    return float(original_spacing) * original_patch / patch_size
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,10 +210,6 @@ def _sample(
     return img, lab
 
 
-def _resampled_size(n: int, native: float, target: float) -> float:
-    return n * native / target
-
-
 def _patch_hw(patch_size: int | Sequence[int]) -> tuple[int, int]:
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
     if ph < 1 or pw < 1:
@@ -219,22 +217,16 @@ def _patch_hw(patch_size: int | Sequence[int]) -> tuple[int, int]:
     return ph, pw
 
 
-def _target_yx(target_spacing: float | None, native_yx: tuple[float, float]) -> tuple[float, float]:
-    return native_yx if target_spacing is None else (float(target_spacing), float(target_spacing))
+def _target_yx(
+    target_spacing: tuple[float, float] | None, native_yx: tuple[float, float]
+) -> tuple[float, float]:
+    return native_yx if target_spacing is None else target_spacing
 
 
 def _check_prob(name: str, p: float) -> float:
     if not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
     return float(p)
-
-
-def _decode_example(example: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    from meddinov3_hf.data.slices import decode_slice  # local: slices imports datasets (heavy)
-
-    hu, label = decode_slice(example)
-    _, sy, sx = example["spacing"]
-    return hu, label, (float(sy), float(sx))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -262,14 +254,15 @@ class SegmentationTrainTransform:
     low-resolution simulation (nearest downsample by U(1, 2), bilinear upsample), inverted gamma then gamma
     U(0.7, 1.5) (both retaining mean and std).
 
-    `target_spacing` (mm, in-plane, isotropic) of None keeps the native spacing. For MedDINOv3 use
-    `spacing_for_patch(median_spacing)` so that the original 512 field of view becomes 896 pixels.
+    `target_spacing`: in-plane (row, col) mm, one value for both axes (`as_target_spacing`); None keeps the
+    native spacing. For MedDINOv3 use `spacing_for_patch(median_spacing)` so that the original 512 field of
+    view becomes 896 pixels.
     """
 
     def __init__(
         self,
         patch_size: int | Sequence[int] = 896,
-        target_spacing: float | None = None,
+        target_spacing: float | Sequence[float] | None = None,
         oversample_foreground: float = 0.33,
         p_rotation: float = 0.2,
         rotation_range: tuple[float, float] = (-math.pi, math.pi),
@@ -294,9 +287,7 @@ class SegmentationTrainTransform:
         # The model's processor.normalize in practice: training must see the inference-time intensities.
         self.normalize = normalize
         self.patch_hw = _patch_hw(patch_size)
-        if target_spacing is not None and not float(target_spacing) > 0:
-            raise ValueError(f"target_spacing must be positive mm or None, got {target_spacing}")
-        self.target_spacing = None if target_spacing is None else float(target_spacing)
+        self.target_spacing = as_target_spacing(target_spacing)
         self.oversample_foreground = _check_prob("oversample_foreground", oversample_foreground)
         self.p_rotation = _check_prob("p_rotation", p_rotation)
         self.rotation_range = rotation_range
@@ -317,6 +308,14 @@ class SegmentationTrainTransform:
         self.gamma_range = gamma_range
         self.p_mirror = _check_prob("p_mirror", p_mirror)
 
+    @classmethod
+    def from_processor(
+        cls, processor: MedDINOv3ImageProcessor, patch_size: int | Sequence[int], **kwargs: Any
+    ) -> SegmentationTrainTransform:
+        """The training transform at `processor`'s target spacing and HU normalisation, so that training
+        sees the intensities and the resolution inference will. `kwargs` are the augmentation settings."""
+        return cls(patch_size, processor.target_spacing, normalize=processor.normalize, **kwargs)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(patch_size={self.patch_hw}, target_spacing={self.target_spacing}, "
@@ -334,8 +333,8 @@ class SegmentationTrainTransform:
         g: torch.Generator,
     ) -> tuple[int, int]:
         ranges = []
-        for n, nat, tgt, p in zip(label.shape, native_yx, target_yx, self.patch_hw):
-            n_res = math.floor(_resampled_size(n, nat, tgt) + 1e-6)
+        for extent, p in zip(resampled_extent(label.shape, native_yx, target_yx), self.patch_hw):
+            n_res = math.floor(extent + 1e-6)
             ranges.append((min(0, n_res - p), max(0, n_res - p)))  # negative start = image inside padding
         if _rand(g) < self.oversample_foreground:
             if classes is None:
@@ -368,7 +367,8 @@ class SegmentationTrainTransform:
         """Augment one slice.
 
         Args:
-            hu: (H, W) Hounsfield units (int16 or float). label: (H, W) class ids.
+            hu: (H, W) Hounsfield units (int16 or float).
+            label: (H, W) class ids.
             spacing_yx: native in-plane spacing (sy, sx) mm.
             generator: source of all randomness (see `sample_generator`); default: torch's global one.
             classes: foreground classes present in `label`, if known (saves a `torch.unique`).
@@ -393,19 +393,6 @@ class SegmentationTrainTransform:
         x = self._intensity(x, g)
         assert lab is not None
         return x[None], lab
-
-    def transform_example(
-        self, example: dict[str, Any], generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply to a row of `build_slice_dataset` (decodes bytes, uses its spacing and class list)."""
-        hu, label, spacing = _decode_example(example)
-        return self(
-            torch.from_numpy(hu.copy()),
-            torch.from_numpy(label.copy()),
-            spacing,
-            generator,
-            example["classes"],
-        )
 
     def _intensity(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """nnU-Net intensity augmentations on a normalised (H, W) patch; order as in nnU-Net v2."""
@@ -454,24 +441,26 @@ class SegmentationEvalTransform:
     def __init__(
         self,
         patch_size: int | Sequence[int] | None = None,
-        target_spacing: float | None = None,
+        target_spacing: float | Sequence[float] | None = None,
         pad_multiple: int = 16,
         normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_hu,
     ):
         self.normalize = normalize
         self.patch_hw = None if patch_size is None else _patch_hw(patch_size)
-        if target_spacing is not None and not float(target_spacing) > 0:
-            raise ValueError(f"target_spacing must be positive mm or None, got {target_spacing}")
-        self.target_spacing = None if target_spacing is None else float(target_spacing)
+        self.target_spacing = as_target_spacing(target_spacing)
         self.pad_multiple = int(pad_multiple)
 
+    @classmethod
+    def from_processor(
+        cls, processor: MedDINOv3ImageProcessor, patch_size: int | Sequence[int] | None = None
+    ) -> SegmentationEvalTransform:
+        """The evaluation transform at `processor`'s target spacing and HU normalisation."""
+        return cls(patch_size, processor.target_spacing, normalize=processor.normalize)
+
     def resampled_hw(self, shape_hw: Sequence[int], spacing_yx: Sequence[float]) -> tuple[int, int]:
-        """Size (rows, cols) of the slice after resampling to the target spacing."""
+        """Size (rows, cols) of the slice after resampling to the target spacing (the processor's rule)."""
         native = _check_spacing(spacing_yx)
-        target = _target_yx(self.target_spacing, native)
-        return tuple(  # type: ignore[return-value]
-            max(1, round(_resampled_size(n, a, t))) for n, a, t in zip(shape_hw, native, target)
-        )
+        return resampled_shape(shape_hw, native, _target_yx(self.target_spacing, native))
 
     def __call__(
         self,
@@ -496,8 +485,3 @@ class SegmentationEvalTransform:
             start = tuple((r - p) // 2 for r, p in zip(res, out))
         img, lab = _sample(hu, lab_in, _Geometry(out, start, native, target))  # type: ignore[arg-type]
         return self.normalize(img)[None], lab
-
-    def transform_example(self, example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Apply to a row of `build_slice_dataset`."""
-        hu, label, spacing = _decode_example(example)
-        return self(torch.from_numpy(hu.copy()), torch.from_numpy(label.copy()), spacing)

@@ -8,8 +8,9 @@ Layout (nnU-Net v2 "raw" format, CT only, one channel)::
     root/labelsTr/CASE.nii.gz
 
 Images are read with :func:`meddinov3_hf.volumes.io.load_volume` (canonical (Z, Y, X) orientation); label
-maps are read with nibabel and put through the *image's* reorientation (`CTVolume.to_canonical`) after
-checking that both share shape and affine, so image and labels stay voxel-aligned by construction.
+maps with :func:`meddinov3_hf.volumes.labels.load_labels`, which checks that they share the image's shape and
+affine and puts them through the *image's* reorientation, so image and labels stay voxel-aligned by
+construction.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ import nibabel as nib
 import numpy as np
 
 from meddinov3_hf.volumes.io import CTVolume, VolumeError, atomic_path, load_volume
+from meddinov3_hf.volumes.labels import GRID_TOLERANCE_MM, grid_problems, load_labels, read_labels
 
 __all__ = [
     "AFFINE_TOLERANCE",
     "DatasetValidationError",
     "NnUNetDataset",
-    "read_label_array",
     "split_cases",
     "validate",
     "write_splits_file",
 ]
 
-AFFINE_TOLERANCE = 1e-3  # absolute, on every affine entry (mm); matches typical float32 header round-off
+AFFINE_TOLERANCE = GRID_TOLERANCE_MM  # absolute, on every affine entry (mm): float32 header round-off
 _REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _CHANNEL_SUFFIX = "_0000"
 
@@ -144,28 +145,6 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     return shape, np.asarray(img.affine, dtype=np.float64)
 
 
-def read_label_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a label map in its stored voxel order. Returns (int array (X, Y, Z) as stored, affine 4x4).
-
-    Raises VolumeError (naming the file) if unreadable, not 3-D, or holding non-integer values.
-    """
-    path = Path(path)
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)  # applies scl_slope/inter; labels are usually unscaled ints
-    except Exception as exc:
-        raise VolumeError(f"{path}: cannot read label map ({type(exc).__name__}: {exc})") from exc
-    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
-        data = data.reshape(data.shape[:3])
-    if data.ndim != 3:
-        raise VolumeError(f"{path}: label map must be 3-D, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.isfinite(data).all() or not np.array_equal(data, np.rint(data)):
-            raise VolumeError(f"{path}: label map contains non-integer values")
-        data = data.astype(np.int64)
-    return data, np.asarray(img.affine, dtype=np.float64)
-
-
 class _CaseFiles:
     __slots__ = ("images", "labels")
 
@@ -254,18 +233,13 @@ def _validate_case(image: Path, label: Path, declared: set[int] | None, check_im
         except Exception as exc:
             problems.append(f"{image}: cannot read voxel data ({type(exc).__name__}: {exc})")
     try:
-        lbl, lbl_affine = read_label_array(label)
-    except VolumeError as exc:
+        stored = read_labels(label)
+    except (VolumeError, FileNotFoundError) as exc:
         return [*problems, str(exc)]
-    if img_shape is not None and tuple(lbl.shape) != tuple(img_shape):
-        problems.append(
-            f"{label}: shape {tuple(lbl.shape)} differs from image {image.name} shape {img_shape}"
-        )
-    if img_affine is not None and not np.allclose(lbl_affine, img_affine, rtol=0, atol=AFFINE_TOLERANCE):
-        diff = float(np.abs(lbl_affine - img_affine).max())
-        problems.append(f"{label}: affine differs from image {image.name} (max abs difference {diff:.4g})")
+    if img_shape is not None and img_affine is not None:
+        problems += grid_problems(stored, img_shape, img_affine, f"image {image.name}")
     if declared is not None:
-        undeclared = sorted(int(v) for v in np.unique(lbl) if int(v) not in declared)
+        undeclared = sorted(int(v) for v in np.unique(stored.array) if int(v) not in declared)
         if undeclared:
             problems.append(f"{label}: label value(s) {undeclared} not declared in dataset.json 'labels'")
     return problems
@@ -344,22 +318,18 @@ class NnUNetDataset:
     def load_case(self, case_id: str) -> tuple[CTVolume, np.ndarray]:
         """Image and labels of one case, both canonical (Z, Y, X).
 
-        Returns: (CTVolume with float32 HU, labels uint8 (Z, Y, X) [int16 if ids exceed 255]).
-        Raises VolumeError naming the file when the label map does not match the image.
+        Returns:
+            (CTVolume with float32 HU, labels uint8 (Z, Y, X) [int16 if ids exceed 255]).
+
+        Raises:
+            VolumeError: naming the file, when the label map does not match the image.
         """
         image_path, label_path = self._paths(case_id)
         volume = load_volume(image_path)
-        data, affine = read_label_array(label_path)
-        if tuple(data.shape) != volume.original_shape:
-            raise VolumeError(
-                f"{label_path}: shape {data.shape} differs from image shape {volume.original_shape}"
-            )
-        if not np.allclose(affine, volume.affine, rtol=0, atol=AFFINE_TOLERANCE):
-            raise VolumeError(f"{label_path}: affine differs from image {image_path.name}")
-        labels = volume.to_canonical(data)  # the image's own reorientation keeps voxels aligned
-        lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-        if lo < 0 or hi > np.iinfo(np.int16).max:
-            raise VolumeError(f"{label_path}: label values outside [0, 32767] ({lo}..{hi})")
+        labels = load_labels(label_path, volume, f"image {image_path.name}")  # values >= 0, on the grid
+        hi = int(labels.max()) if labels.size else 0
+        if hi > np.iinfo(np.int16).max:
+            raise VolumeError(f"{label_path}: label values outside [0, 32767] (max {hi})")
         dtype = np.uint8 if hi <= 255 else np.int16
         return volume, np.ascontiguousarray(labels, dtype=dtype)
 

@@ -47,15 +47,16 @@ import datasets
 import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
+from meddinov3_hf.data.cases import SegmentationCases
 from meddinov3_hf.data.nnunet import NnUNetDataset
 
 __all__ = [
     "FORMAT_VERSION",
     "SLICE_FEATURES",
     "build_slice_dataset",
+    "decode_row",
     "decode_slice",
     "default_cache_dir",
-    "push_slice_dataset_to_hub",
     "slice_cache_key",
 ]
 
@@ -92,7 +93,14 @@ def decode_slice(example: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return hu, label.reshape(h, w)
 
 
-def slice_cache_key(dataset: NnUNetDataset, case_ids: Sequence[str]) -> str:
+def decode_row(example: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """`decode_slice` plus the row's in-plane spacing: (hu, label, (row mm, col mm))."""
+    hu, label = decode_slice(example)
+    _, sy, sx = example["spacing"]
+    return hu, label, (float(sy), float(sx))
+
+
+def slice_cache_key(dataset: SegmentationCases, case_ids: Sequence[str]) -> str:
     """Hash of FORMAT_VERSION, the selected case ids and each file's (relative path, size, mtime_ns)."""
     h = hashlib.sha256(f"meddinov3-slices-v{FORMAT_VERSION}\n".encode())
     h.update(json.dumps(sorted(case_ids)).encode())
@@ -102,14 +110,13 @@ def slice_cache_key(dataset: NnUNetDataset, case_ids: Sequence[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def _load_case(dataset: NnUNetDataset, case_id: str) -> tuple[Any, np.ndarray]:
+def _load_case(dataset: SegmentationCases, case_id: str) -> tuple[Any, np.ndarray]:
     # Module-level indirection so tests can verify that a cache hit reads no volume.
     return dataset.load_case(case_id)
 
 
-def _generate_rows(root: str, case_ids: list[str]) -> Iterator[dict[str, Any]]:
-    """Yield slice rows, one volume in memory at a time. Picklable arguments for num_proc > 1."""
-    dataset = NnUNetDataset(root)
+def _generate_rows(dataset: SegmentationCases, case_ids: list[str]) -> Iterator[dict[str, Any]]:
+    """Yield slice rows, one volume in memory at a time (`dataset` is pickled to workers for num_proc > 1)."""
     for case_id in case_ids:
         volume, labels = _load_case(dataset, case_id)
         # Round-then-clip: exact for integer HU (see module docstring).
@@ -138,7 +145,7 @@ def _generate_rows(root: str, case_ids: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def build_slice_dataset(
-    root: str | os.PathLike,
+    root: str | os.PathLike | SegmentationCases,
     cache_dir: str | os.PathLike | None = None,
     case_ids: Sequence[str] | None = None,
     num_proc: int = 1,
@@ -146,7 +153,7 @@ def build_slice_dataset(
     """Build (or reuse from cache) the axial-slice dataset of an nnU-Net raw dataset.
 
     Args:
-        root: nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/).
+        root: nnU-Net dataset folder (dataset.json, imagesTr/, labelsTr/), or any `SegmentationCases`.
         cache_dir: where built datasets live (default `default_cache_dir()`).
         case_ids: subset of cases (default: all); unknown ids raise KeyError naming the dataset.
         num_proc: worker processes; cases are sharded across them (each still one volume at a time).
@@ -154,7 +161,7 @@ def build_slice_dataset(
     Returns:
         Memory-mapped `datasets.Dataset` with `SLICE_FEATURES`, rows ordered by case then slice.
     """
-    dataset = NnUNetDataset(root)
+    dataset = root if isinstance(root, SegmentationCases) else NnUNetDataset(root)
     ids = list(dataset.case_ids if case_ids is None else case_ids)
     for c in ids:
         dataset.image_path(c)  # KeyError naming the dataset for unknown ids
@@ -176,7 +183,7 @@ def build_slice_dataset(
                 _generate_slices_from_shards,
                 features=SLICE_FEATURES,
                 cache_dir=str(work / "hf-cache"),
-                gen_kwargs={"root": str(dataset.root), "shards": shards},
+                gen_kwargs={"dataset": dataset, "shards": shards},
                 num_proc=num_proc if num_proc > 1 else None,
                 writer_batch_size=_WRITER_BATCH_SIZE,
             )
@@ -199,9 +206,11 @@ def build_slice_dataset(
     return datasets.Dataset.load_from_disk(str(final))
 
 
-def _generate_slices_from_shards(root: str, shards: list[list[str]]) -> Iterator[dict[str, Any]]:
+def _generate_slices_from_shards(
+    dataset: SegmentationCases, shards: list[list[str]]
+) -> Iterator[dict[str, Any]]:
     for shard in shards:
-        yield from _generate_rows(root, shard)
+        yield from _generate_rows(dataset, shard)
 
 
 def _sort_rows(built: datasets.Dataset, ids: list[str]) -> datasets.Dataset:
@@ -209,13 +218,3 @@ def _sort_rows(built: datasets.Dataset, ids: list[str]) -> datasets.Dataset:
     order = {c: i for i, c in enumerate(ids)}
     keys = [order[c] * 1_000_000 + z for c, z in zip(built["case_id"], built["slice_index"])]
     return built.select(np.argsort(keys, kind="stable")).flatten_indices()
-
-
-def push_slice_dataset_to_hub(
-    dataset: datasets.Dataset, repo_id: str, token: str | None = None, private: bool = True
-) -> Any:
-    """Upload a slice dataset to the Hugging Face Hub (thin wrapper on `Dataset.push_to_hub`).
-
-    Private by default: CT scans are patient data.
-    """
-    return dataset.push_to_hub(repo_id, token=token, private=private)

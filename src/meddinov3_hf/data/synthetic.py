@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 from scipy import ndimage
+
+from ..files import atomic_path
 
 __all__ = [
     "SYNTHETIC_ORGANS",
@@ -184,26 +185,13 @@ def _to_nifti(array_zyx: np.ndarray, spacing: Sequence[float], axcodes: Sequence
 
 
 def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    # Temp file in the same directory so os.replace is atomic; keep the ".nii.gz" suffix for nibabel.
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # keeps the ".nii.gz" suffix, so nibabel gzips
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _parse_axcodes(affine_kind: str | Sequence[str]) -> tuple[str, str, str]:

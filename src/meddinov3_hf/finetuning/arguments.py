@@ -1,7 +1,7 @@
 """Command-line arguments of `training/finetune.py` (`meddinov3 finetune`), parsed with `HfArgumentParser`.
 
 Two dataclasses: `FinetuneArguments` (our own flags) and `FinetuneTrainingArguments`, transformers'
-`TrainingArguments` with the MedDINOv3 recipe (SPEC §4) as defaults, so every usual Trainer flag works and
+`TrainingArguments` with the MedDINOv3 recipe (docs/method.md §4) as defaults, so every usual Trainer flag works and
 overrides them.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..image_processing_meddinov3 import as_target_spacing
+
 __all__ = ["FinetuneArguments", "FinetuneTrainingArguments", "parse_fold"]
 
 
@@ -19,7 +21,11 @@ class FinetuneArguments:
     """Flags of the fine-tuning script that are not `TrainingArguments`."""
 
     dataset: str = field(
-        metadata={"help": "nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/)."}
+        metadata={
+            "help": "nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/), or a dataset ID (1) or name "
+            "(Dataset001_AMOS) under $nnUNet_raw, as nnU-Net resolves them.",
+            "aliases": ["-d"],
+        }
     )
     model: str = field(
         metadata={
@@ -34,11 +40,14 @@ class FinetuneArguments:
     patch_size: int = field(
         default=896, metadata={"help": "Square training patch in pixels (multiple of 16)."}
     )
-    target_spacing: float | None = field(
+    # HfArgumentParser parses lists, not tuples: the flag takes 1 or 2 values and `__post_init__` stores the
+    # processor's type, a (row, col) tuple.
+    target_spacing: list[float] | None = field(
         default=None,
         metadata={
-            "help": "In-plane working spacing (mm). Default: median spacing × median in-plane shape (capped at "
-            "--reference_patch_cap) / patch_size, over the training cases."
+            "help": "In-plane working spacing (mm): one value for both axes, or ROW COL. Default: median "
+            "spacing × median in-plane shape (capped at --reference_patch_cap) / patch_size, over the "
+            "training cases."
         },
     )
     reference_patch_cap: int = field(
@@ -100,14 +109,19 @@ class FinetuneArguments:
         default=None, metadata={"help": "Also push the slice dataset to this Hub dataset repo (private)."}
     )
 
+    def __post_init__(self):
+        self.target_spacing = as_target_spacing(self.target_spacing)  # one value means both axes
+
 
 @dataclass
 class FinetuneTrainingArguments(TrainingArguments):
-    """`TrainingArguments` whose defaults follow the MedDINOv3 fine-tuning recipe (SPEC §4)."""
+    """`TrainingArguments` whose defaults follow the MedDINOv3 fine-tuning recipe (docs/method.md §4)."""
 
-    learning_rate: float = field(default=3e-4, metadata={"help": "Decoder learning rate (SPEC §4: 3e-4)."})
+    learning_rate: float = field(
+        default=3e-4, metadata={"help": "Decoder learning rate (docs/method.md §4: 3e-4)."}
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, both groups."})
-    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (SPEC §4: 0.98)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (docs/method.md §4: 0.98)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Linear decay to 0 ('poly 1.0')."})
     # Our datasets yield exactly the model inputs; the column filter would only inspect them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns."})

@@ -5,7 +5,7 @@
   resumed from a checkpoint sees exactly the patches an uninterrupted run would, whatever the workers.
 - `EpochSampler`: yields `e * n + i`; the Trainer tells it the epoch through `set_epoch`.
 - `EvalSliceDataset`: deterministic centre crops of validation slices at the working spacing.
-- `working_spacing`: the "896 rule" (SPEC §3).
+- `derive_target_spacing`: the "896 rule" (docs/method.md §3) for the processor's `target_spacing`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from ..data.augment import (
     SegmentationTrainTransform,
     sample_generator,
 )
+from ..data.slices import decode_row
+from ..image_processing_meddinov3 import MedDINOv3ImageProcessor, as_target_spacing, spacing_for_patch
 
 __all__ = [
     "EpochSampler",
     "EvalSliceDataset",
     "TrainSliceDataset",
     "collate_segmentation",
+    "derive_target_spacing",
     "select_cases",
-    "working_spacing",
 ]
 
 
@@ -57,7 +59,7 @@ def _case_geometry(slices: datasets.Dataset) -> list[tuple[int, int, float, floa
     ]
 
 
-def working_spacing(
+def derive_target_spacing(
     slices: datasets.Dataset, patch_size: int, reference_patch_cap: int = 512
 ) -> tuple[float, float]:
     """The "896 rule": (row, col) spacing = median spacing × min(median shape, cap) / patch_size per axis.
@@ -69,7 +71,19 @@ def working_spacing(
         raise ValueError("cannot derive a working spacing from an empty slice dataset")
     shape = np.minimum(np.median(geometry[:, :2], axis=0), reference_patch_cap)
     spacing = np.median(geometry[:, 2:], axis=0)
-    return float(spacing[0] * shape[0] / patch_size), float(spacing[1] * shape[1] / patch_size)
+    rows, cols = (float(spacing_for_patch(s, n, patch_size)) for s, n in zip(spacing, shape))
+    return rows, cols
+
+
+def _working_processor(
+    processor: MedDINOv3ImageProcessor | None, target_spacing: float | Sequence[float] | None
+) -> MedDINOv3ImageProcessor:
+    """`processor`, or a default one (the reference HU normalisation) at `target_spacing`; not both."""
+    if processor is None:
+        return MedDINOv3ImageProcessor(target_spacing=as_target_spacing(target_spacing))
+    if target_spacing is not None:
+        raise ValueError("pass either a processor or a target_spacing: the processor carries its own spacing")
+    return processor
 
 
 class TrainSliceDataset(Dataset):
@@ -77,31 +91,36 @@ class TrainSliceDataset(Dataset):
 
     With probability `oversample_foreground` a sample picks a foreground class uniformly, a slice containing
     it uniformly, and a patch centred on a random voxel of that class (nnU-Net's oversampling); otherwise a
-    uniformly random slice and patch location."""
+    uniformly random slice and patch location.
+
+    The transforms are built from `processor` (the model's: its target spacing and HU normalisation), or,
+    without one, from a default processor at `target_spacing`."""
 
     def __init__(
         self,
         slices: datasets.Dataset,
         samples_per_epoch: int,
         patch_size: int,
-        target_spacing: float | None,
+        target_spacing: float | tuple[float, float] | None = None,
         seed: int = 0,
         oversample_foreground: float = 0.33,
         augment: bool = True,
+        processor: MedDINOv3ImageProcessor | None = None,
     ):
         if len(slices) == 0:
             raise ValueError("the training slice dataset is empty")
+        processor = _working_processor(processor, target_spacing)
         self.slices = slices
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.oversample_foreground = float(oversample_foreground)
         extra = {} if augment else NO_AUGMENTATION
         # Two transforms so that the oversampling decision is made once, here, not again in the transform.
-        self.foreground_transform = SegmentationTrainTransform(
-            patch_size, target_spacing, oversample_foreground=1.0, **extra
+        self.foreground_transform = SegmentationTrainTransform.from_processor(
+            processor, patch_size, oversample_foreground=1.0, **extra
         )
-        self.random_transform = SegmentationTrainTransform(
-            patch_size, target_spacing, oversample_foreground=0.0, **extra
+        self.random_transform = SegmentationTrainTransform.from_processor(
+            processor, patch_size, oversample_foreground=0.0, **extra
         )
         by_class: dict[int, list[int]] = {}
         for row, classes in enumerate(slices["classes"]):
@@ -109,11 +128,6 @@ class TrainSliceDataset(Dataset):
                 by_class.setdefault(int(c), []).append(row)
         self.class_ids = sorted(by_class)
         self.rows_by_class = {c: np.asarray(rows, dtype=np.int64) for c, rows in by_class.items()}
-
-    def set_normalizer(self, normalize) -> None:
-        """Use the model processor's HU normalisation, so training sees what inference will."""
-        self.foreground_transform.normalize = normalize
-        self.random_transform.normalize = normalize
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -138,10 +152,11 @@ class TrainSliceDataset(Dataset):
         g: torch.Generator,
         classes: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        example = dict(self.slices[row])
-        if classes is not None:
-            example["classes"] = classes  # forces the class the patch is centred on
-        return transform.transform_example(example, generator=g)
+        example = self.slices[row]
+        hu, label, spacing = decode_row(example)
+        # `classes` forces the class the patch is centred on.
+        classes = classes if classes is not None else example["classes"]
+        return transform(torch.from_numpy(hu.copy()), torch.from_numpy(label.copy()), spacing, g, classes)
 
 
 class EpochSampler(Sampler[int]):
@@ -167,30 +182,33 @@ class EpochSampler(Sampler[int]):
 class EvalSliceDataset(Dataset):
     """Validation slices, resampled to the working spacing and centre cropped/padded to the patch.
 
-    `max_slices` keeps an evenly spaced subset (deterministic) so that evaluation stays cheap."""
+    `max_slices` keeps an evenly spaced subset (deterministic) so that evaluation stays cheap. The transform
+    is built from `processor` as in `TrainSliceDataset`."""
 
     def __init__(
         self,
         slices: datasets.Dataset,
         patch_size: int,
-        target_spacing: float | None,
+        target_spacing: float | tuple[float, float] | None = None,
         max_slices: int | None = None,
+        processor: MedDINOv3ImageProcessor | None = None,
     ):
         rows = np.arange(len(slices))
         if max_slices is not None and len(rows) > max_slices:
             rows = np.unique(np.linspace(0, len(rows) - 1, max_slices).round().astype(np.int64))
         self.slices = slices
         self.rows = rows
-        self.transform = SegmentationEvalTransform(patch_size, target_spacing)
-
-    def set_normalizer(self, normalize) -> None:
-        self.transform.normalize = normalize
+        processor = _working_processor(processor, target_spacing)
+        self.transform = SegmentationEvalTransform.from_processor(processor, patch_size)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixel_values, labels = self.transform.transform_example(self.slices[int(self.rows[index])])
+        hu, label, spacing = decode_row(self.slices[int(self.rows[index])])
+        pixel_values, labels = self.transform(
+            torch.from_numpy(hu.copy()), torch.from_numpy(label.copy()), spacing
+        )
         return {"pixel_values": pixel_values, "labels": labels}
 
 

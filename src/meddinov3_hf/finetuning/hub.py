@@ -1,7 +1,8 @@
 """Pushing fine-tuning outputs to the Hugging Face Hub with `huggingface_hub`.
 
-Both functions take an optional `api` (an `HfApi`-like object with `create_repo` and `create_commit`), so
-tests and air-gapped users can substitute a local stand-in; by default a real `HfApi` is used.
+Both functions choose what to upload and hand it to `meddinov3_hf.hub.push_files`, the package's one Hub
+upload. Both take an optional `api` (an `HfApi`-like object with `create_repo` and `create_commit`), so tests
+and air-gapped users can substitute a local stand-in; by default a real `HfApi` is used.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import HfApi
+
+from ..hub import push_files
 
 __all__ = ["MODEL_FILES", "model_files_to_push", "push_finetuned_model", "push_slice_dataset"]
 
@@ -33,6 +36,8 @@ def model_files_to_push(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     files = [folder / name for name in MODEL_FILES if (folder / name).is_file()]
     files += sorted(folder.glob("model-*-of-*.safetensors"))
+    # The model code `save_pretrained` copies beside the weights, for trust_remote_code=True.
+    files += sorted(folder.glob("*.py"))
     required = ("config.json", "preprocessor_config.json", "README.md")
     missing = [n for n in required if not (folder / n).is_file()]
     if not any(p.name.endswith(".safetensors") for p in files):
@@ -52,15 +57,8 @@ def push_finetuned_model(
 ) -> Any:
     """Create `repo_id` if needed and upload model, processor, card and validation metrics in one commit."""
     api = api if api is not None else HfApi(token=token)
-    folder = Path(folder)
-    operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-        for p in model_files_to_push(folder)
-    ]
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.create_commit(
-        repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message
-    )
+    files = model_files_to_push(folder)
+    return push_files(folder, repo_id, files, commit_message, private=private, api=api)
 
 
 _DATASET_CARD = """---
@@ -98,23 +96,19 @@ def push_slice_dataset(
     Private by default: CT scans are patient data."""
     api = api if api is not None else HfApi(token=token)
     n_shards = max(1, -(-len(dataset) // rows_per_shard))
-    api.create_repo(repo_id=repo_id, repo_type="dataset", private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="meddinov3-push-") as tmp:
-        operations = []
+        files = []
+        (Path(tmp) / "data").mkdir()
         for index in range(n_shards):
             shard = dataset.select(
                 range(index * rows_per_shard, min(len(dataset), (index + 1) * rows_per_shard))
             )
-            path = Path(tmp) / f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
+            path = Path(tmp) / "data" / f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
             shard.to_parquet(str(path))
-            operations.append(CommitOperationAdd(path_in_repo=f"data/{path.name}", path_or_fileobj=str(path)))
+            files.append(path)
         card = Path(tmp) / "README.md"
         cases = len(set(dataset["case_id"])) if len(dataset) else 0
         card.write_text(_DATASET_CARD.format(name=repo_id, rows=len(dataset), cases=cases), encoding="utf-8")
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card)))
-        return api.create_commit(
-            repo_id=repo_id,
-            repo_type="dataset",
-            operations=operations,
-            commit_message="Upload CT slice dataset",
-        )
+        files.append(card)
+        message = "Upload CT slice dataset"
+        return push_files(tmp, repo_id, files, message, repo_type="dataset", private=private, api=api)

@@ -1,50 +1,51 @@
 """Fine-tuning MedDINOv3 for CT segmentation on an nnU-Net raw dataset with `transformers.Trainer`.
 
 `run_finetune(argv)` is the whole command (`training/finetune.py`, `meddinov3 finetune`); the pieces are
-reusable: `load_model_for_finetuning`, `prepare_data`, `MedDINOv3Trainer` (two learning rates, atomic
-checkpoints, whole-volume Dice added to every evaluation), `SliceDiceMetric`, `VolumeValidator`.
+reusable: `load_model_for_finetuning` (`.loading`), `split_data` → `working_processor` → `prepare_data` (the
+datasets' transforms are built from the processor), `MedDINOv3Trainer` (two learning rates,
+atomic checkpoints, whole-volume Dice added to every evaluation), `SliceDiceMetric` and `VolumeValidator`
+(`.evaluation`). This module is the wiring; it re-exports those names.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import HfArgumentParser, Trainer, set_seed
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
 
-from ..convert import convert_checkpoint, detect_format
 from ..data.nnunet import DatasetValidationError, NnUNetDataset, split_cases
 from ..data.slices import build_slice_dataset
+from ..heads import backbone_config, backbone_parameter_names
 from ..image_processing_meddinov3 import MedDINOv3ImageProcessor
-from ..metrics import compute_segmentation_metrics, write_metrics
 from ..model_card import write_model_card
-from ..modeling_meddinov3 import MedDINOv3ForSemanticSegmentation
+from ..volumes.evaluation import write_metrics
 from .arguments import FinetuneArguments, FinetuneTrainingArguments, parse_fold
 from .data import (
     EpochSampler,
     EvalSliceDataset,
     TrainSliceDataset,
     collate_segmentation,
+    derive_target_spacing,
     isotropic,
     samples_per_epoch,
     select_cases,
-    working_spacing,
 )
+from .evaluation import SliceDiceMetric, VolumeValidator
+from .loading import load_model_for_finetuning
 
 __all__ = [
     "FinetuneData",
+    "FinetuneSplit",
     "MedDINOv3Trainer",
     "SliceDiceMetric",
     "VolumeValidator",
@@ -52,161 +53,16 @@ __all__ = [
     "load_model_for_finetuning",
     "prepare_data",
     "run_finetune",
+    "split_data",
+    "working_processor",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Backbone learning rates of the reference recipe (SPEC §4).
+# Backbone learning rates of the MedDINOv3 fine-tuning recipe (arXiv 2509.02379, segmentation fine-tuning setup).
 BACKBONE_LR_CT = 3e-5
 BACKBONE_LR_NATURAL = 1e-4
 _STAGING_DIR = ".checkpoint-staging"  # no "checkpoint-" prefix: invisible to resume and rotation
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------------------
-
-
-class SliceDiceMetric:
-    """`compute_metrics` for `batch_eval_metrics=True`: per-class Dice pooled over all validation slices
-    (sums of intersections and sizes), so memory does not grow with the number of slices."""
-
-    def __init__(self, id2label: Mapping[int, str], ignore_index: int | None = None):
-        self.id2label = {int(k): str(v) for k, v in id2label.items()}
-        self.ignore_index = ignore_index
-        self._reset()
-
-    def _reset(self) -> None:
-        n = max(self.id2label) + 1
-        self.intersection = np.zeros(n, dtype=np.float64)
-        self.total = np.zeros(n, dtype=np.float64)
-
-    @staticmethod
-    def preprocess_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Keep argmax maps instead of logits: K times less to gather across processes."""
-        return logits.argmax(dim=1)
-
-    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
-        predictions, labels = torch.as_tensor(predictions).long(), torch.as_tensor(labels).long()
-        if self.ignore_index is not None:
-            valid = labels != self.ignore_index
-            predictions, labels = predictions[valid], labels[valid]
-        n = len(self.intersection)
-        hits = predictions[predictions == labels]
-        self.intersection += torch.bincount(hits.flatten().clamp(0, n - 1), minlength=n).cpu().numpy()[:n]
-        self.total += torch.bincount(predictions.flatten().clamp(0, n - 1), minlength=n).cpu().numpy()[:n]
-        self.total += torch.bincount(labels.flatten().clamp(0, n - 1), minlength=n).cpu().numpy()[:n]
-
-    def result(self) -> dict[str, float]:
-        out = {}
-        for c, name in self.id2label.items():
-            if c == 0:
-                continue
-            # Absent from prediction and reference alike: perfect agreement (metrics.py convention).
-            out[f"dice_{name}"] = (
-                1.0 if self.total[c] == 0 else float(2 * self.intersection[c] / self.total[c])
-            )
-        out["dice"] = float(np.mean(list(out.values()))) if out else 1.0
-        return out
-
-    def __call__(self, eval_prediction: Any, compute_result: bool = False) -> dict[str, float] | None:
-        self.update(eval_prediction.predictions, eval_prediction.label_ids)
-        if not compute_result:
-            return None
-        result = self.result()
-        self._reset()
-        return result
-
-
-class VolumeValidator:
-    """Whole-volume validation of the fold's validation cases with the volume segmentation path.
-
-    Cases are spread over the processes and the results gathered, so every process returns the same dict:
-    `{"cases": {case: {class: {...}}}, "mean": {class: {"dice", "hd95", "nsd"}, "mean": {...}}}`."""
-
-    def __init__(
-        self,
-        dataset: NnUNetDataset,
-        case_ids: Sequence[str],
-        processor: MedDINOv3ImageProcessor,
-        tile_size: int,
-        batch_size: int = 8,
-        tta: bool = False,
-    ):
-        self.dataset = dataset
-        self.case_ids = list(case_ids)
-        self.processor = processor
-        self.tile_size = int(tile_size)
-        self.batch_size = batch_size
-        self.tta = tta
-
-    def __call__(
-        self,
-        model: nn.Module,
-        case_ids: Sequence[str] | None = None,
-        surface_metrics: bool = True,
-        predictions_dir: str | os.PathLike | None = None,
-    ) -> dict[str, Any]:
-        from accelerate import PartialState
-        from accelerate.utils import gather_object
-
-        from ..volumes.inference import VolumeSegmenter
-        from ..volumes.io import save_labels
-
-        state = PartialState()
-        cases = list(self.case_ids if case_ids is None else case_ids)
-        mine = cases[state.process_index :: state.num_processes]
-        was_training = model.training
-        segmenter = VolumeSegmenter(
-            model, self.processor, batch_size=self.batch_size, tta=self.tta, tile_size=self.tile_size
-        )
-        id2label = {int(k): v for k, v in self.dataset.id2label.items()}
-        results: list[tuple[str, dict]] = []
-        try:
-            for case in mine:
-                volume, reference = self.dataset.load_case(case)
-                predicted = segmenter.segment(volume).labels
-                if self.dataset.ignore_label is not None:
-                    # Voxels marked "ignore" are scored neither as hits nor as errors.
-                    predicted = np.where(reference == self.dataset.ignore_label, reference, predicted)
-                if surface_metrics:
-                    scores = compute_segmentation_metrics(predicted, reference, volume.spacing, id2label)
-                else:
-                    scores = _dice_only(predicted, reference, id2label)
-                if predictions_dir is not None:
-                    save_labels(
-                        predicted, volume, Path(predictions_dir) / f"{case}{self.dataset.file_ending}"
-                    )
-                results.append((case, scores))
-        finally:
-            model.train(was_training)
-        if state.num_processes > 1:
-            results = gather_object(results)
-        per_case = dict(sorted(results))
-        return {"cases": per_case, "mean": _mean_over_cases(per_case)}
-
-
-def _dice_only(pred: np.ndarray, gt: np.ndarray, id2label: Mapping[int, str]) -> dict[str, dict[str, float]]:
-    out = {}
-    for value, name in id2label.items():
-        if value == 0:
-            continue
-        p, g = pred == value, gt == value
-        total = int(p.sum()) + int(g.sum())
-        out[name] = {"dice": 1.0 if total == 0 else 2.0 * int((p & g).sum()) / total}
-    out["mean"] = {"dice": float(np.mean([v["dice"] for v in out.values()])) if out else 1.0}
-    return out
-
-
-def _mean_over_cases(per_case: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Per class (and "mean"), the average of each score over the cases."""
-    classes: dict[str, dict[str, list[float]]] = {}
-    for scores in per_case.values():
-        for name, values in scores.items():
-            for key in ("dice", "hd95", "nsd"):
-                if key in values:
-                    classes.setdefault(name, {}).setdefault(key, []).append(float(values[key]))
-    return {name: {k: float(np.mean(v)) for k, v in values.items()} for name, values in classes.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,7 +73,7 @@ def _mean_over_cases(per_case: Mapping[str, Mapping[str, Mapping[str, Any]]]) ->
 class MedDINOv3Trainer(Trainer):
     """`Trainer` with
 
-    - two AdamW parameter groups: backbone (`meddinov3.*`) at `backbone_learning_rate`, everything else at
+    - two AdamW parameter groups: backbone (`heads.backbone_module`) at `backbone_learning_rate`, the head at
       `args.learning_rate`, both with `args.weight_decay`; the stock linear schedule scales both;
     - `EpochSampler` for `TrainSliceDataset` (resumable, process-independent sample identity);
     - whole-volume Dice (`eval_volume_dice`, `eval_volume_dice_<class>`) added to every evaluation when a
@@ -247,10 +103,11 @@ class MedDINOv3Trainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = model if model is not None else self.model
+        in_backbone = backbone_parameter_names(model)  # whichever head: ours, UperNet, ... (`heads`)
         backbone, head = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
-                (backbone if name.startswith("meddinov3.") else head).append(param)
+                (backbone if name in in_backbone else head).append(param)
         # Decoder first: the Trainer logs the first group's rate as `learning_rate`.
         groups = [
             {"params": head, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay},
@@ -329,105 +186,28 @@ class MedDINOv3Trainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model and data preparation
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _source_kind(path: Path) -> tuple[str, str]:
-    """("meddinov3" | "dinov3_vit" | "checkpoint", detail)."""
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{path}: no config.json; --model must be a model folder or a .pth file")
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-        if model_type not in ("meddinov3", "dinov3_vit"):
-            raise ValueError(f"{path}: model_type {model_type!r} is neither 'meddinov3' nor 'dinov3_vit'")
-        return model_type, model_type
-    if path.is_file():
-        return "checkpoint", detect_format(path)
-    raise FileNotFoundError(f"{path}: --model does not exist")
-
-
-def _aggregation_layers(source: Path) -> list[int]:
-    """The paper's blocks 2, 5, 8, 11 of 12 generalised to depth n: the last block of each quarter."""
-    depth = 12  # .pth checkpoints are the ViT-B releases
-    if source.is_dir():
-        depth = int(json.loads((source / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
-    quarter = max(1, depth // 4)
-    return sorted({min(depth, quarter * k) - 1 for k in range(1, 5)})
-
-
-def _converted_dir(source: Path, work_dir: Path) -> Path:
-    st = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}\0{st.st_mtime_ns}\0{st.st_size}".encode()).hexdigest()[:12]
-    # "_" prefix: the Hub upload and checkpoint rotation both skip it.
-    return work_dir / f"_base_model-{key}"
-
-
-def load_model_for_finetuning(
-    model_path: str | os.PathLike,
-    id2label: Mapping[int, str],
-    work_dir: str | os.PathLike,
-    drop_path_rate: float | None = None,
-    ignore_index: int | None = None,
-    main_process_first: Any = None,
-) -> tuple[MedDINOv3ForSemanticSegmentation, MedDINOv3ImageProcessor | None, bool]:
-    """A segmentation model for `id2label` from any starting point the package loads.
-
-    Returns (model, the folder's processor or None, whether the backbone has natural-image DINOv3 weights).
-    DINOv3 folders and .pth checkpoints are converted once into `work_dir/_base_model-*` (on the main process
-    first when `main_process_first` is `TrainingArguments.main_process_first`). Backbone weights missing from
-    the source raise: `from_pretrained` would only warn and train from noise."""
-    path = Path(model_path)
-    kind, detail = _source_kind(path)
-    natural = detail in ("dinov3_vit", "dinov3", "transformers")
-    if kind != "meddinov3":
-        target = _converted_dir(path, Path(work_dir))
-        guard = main_process_first(desc="convert --model") if main_process_first else _nullcontext()
-        with guard:
-            if not (target / "config.json").is_file():
-                convert_checkpoint(path, target, aggregation_layers=_aggregation_layers(path))
-        path = target
-    id2label = {int(k): str(v) for k, v in id2label.items()}
-    # id2label alone sets num_labels; passing both makes transformers warn when the source had other labels.
-    kwargs: dict[str, Any] = dict(id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    if drop_path_rate is not None:
-        kwargs["drop_path_rate"] = float(drop_path_rate)
-    if ignore_index is not None:
-        kwargs["semantic_loss_ignore_index"] = int(ignore_index)
-    model, info = MedDINOv3ForSemanticSegmentation.from_pretrained(
-        path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith("decoder.")]
-    if missing:
-        raise ValueError(f"{path}: backbone weights missing from the checkpoint: {sorted(missing)[:10]}")
-    processor = None
-    if (path / "preprocessor_config.json").is_file():
-        processor = MedDINOv3ImageProcessor.from_pretrained(path)
-    return model, processor, natural
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 @dataclass
-class FinetuneData:
+class FinetuneSplit:
+    """The dataset, its fold split into slice datasets, and the working spacing (row, col) in mm."""
+
     dataset: NnUNetDataset
     train_cases: list[str]
     val_cases: list[str]
-    train: TrainSliceDataset
-    eval: EvalSliceDataset
+    train_slices: Any
+    val_slices: Any
     target_spacing: tuple[float, float]
     slices: Any
 
 
-def prepare_data(args: FinetuneArguments, training_args: FinetuneTrainingArguments) -> FinetuneData:
+@dataclass
+class FinetuneData(FinetuneSplit):
+    """A `FinetuneSplit` plus the torch datasets the Trainer reads."""
+
+    train: TrainSliceDataset
+    eval: EvalSliceDataset
+
+
+def split_data(args: FinetuneArguments, training_args: FinetuneTrainingArguments) -> FinetuneSplit:
     """Validate the dataset, build (or reuse) the slice cache, split by fold and derive the working spacing."""
     dataset = NnUNetDataset(args.dataset)
     with training_args.main_process_first(desc="slice dataset"):
@@ -438,11 +218,40 @@ def prepare_data(args: FinetuneArguments, training_args: FinetuneTrainingArgumen
         dataset.case_ids, parse_fold(args.fold), splits_file=args.splits_file
     )
     train_slices, val_slices = select_cases(slices, train_cases), select_cases(slices, val_cases)
-    if args.target_spacing is not None:
-        spacing = (float(args.target_spacing),) * 2
-    else:
-        spacing = working_spacing(train_slices, args.patch_size, args.reference_patch_cap)
-    transform_spacing = isotropic(spacing)
+    target_spacing = args.target_spacing
+    if target_spacing is None:
+        spacing = derive_target_spacing(train_slices, args.patch_size, args.reference_patch_cap)
+        target_spacing = (isotropic(spacing),) * 2  # one in-plane spacing, the coarser axis
+    return FinetuneSplit(
+        dataset, list(train_cases), list(val_cases), train_slices, val_slices, target_spacing, slices
+    )
+
+
+def working_processor(
+    processor: MedDINOv3ImageProcessor | None, target_spacing: tuple[float, float]
+) -> MedDINOv3ImageProcessor:
+    """The processor the model is trained and saved with: the source folder's (its HU window) or the default,
+    resampling every slice to the working spacing."""
+    processor = processor or MedDINOv3ImageProcessor()
+    processor.target_spacing = target_spacing
+    processor.size = None  # resampling to the working spacing decides the size
+    return processor
+
+
+def prepare_data(
+    args: FinetuneArguments,
+    training_args: FinetuneTrainingArguments,
+    processor: MedDINOv3ImageProcessor,
+    split: FinetuneSplit | None = None,
+) -> FinetuneData:
+    """The training and evaluation datasets, their transforms built from `processor` (its target spacing and
+    HU normalisation, so training sees what inference will). `split` defaults to `split_data(...)`."""
+    split = split_data(args, training_args) if split is None else split
+    if processor.target_spacing != split.target_spacing:
+        raise ValueError(
+            f"the processor's target_spacing {processor.target_spacing} is not the working spacing "
+            f"{split.target_spacing}; build it with working_processor"
+        )
     n = samples_per_epoch(
         args.iterations_per_epoch,
         training_args.per_device_train_batch_size,
@@ -450,18 +259,19 @@ def prepare_data(args: FinetuneArguments, training_args: FinetuneTrainingArgumen
         training_args.gradient_accumulation_steps,
     )
     train = TrainSliceDataset(
-        train_slices,
+        split.train_slices,
         n,
         args.patch_size,
-        transform_spacing,
         seed=training_args.seed,
         oversample_foreground=args.oversample_foreground,
         augment=not args.disable_augmentation,
+        processor=processor,
     )
-    evaluation = EvalSliceDataset(val_slices, args.patch_size, transform_spacing, args.max_eval_slices)
-    return FinetuneData(
-        dataset, list(train_cases), list(val_cases), train, evaluation, (transform_spacing,) * 2, slices
+    evaluation = EvalSliceDataset(
+        split.val_slices, args.patch_size, max_slices=args.max_eval_slices, processor=processor
     )
+    fields = {name: getattr(split, name) for name in FinetuneSplit.__dataclass_fields__}
+    return FinetuneData(**fields, train=train, eval=evaluation)
 
 
 def build_trainer(
@@ -472,21 +282,18 @@ def build_trainer(
         raise ValueError(f"--patch_size must be a multiple of 16, got {args.patch_size}")
     _ = training_args.device  # sets up the distributed state: world_size is 1 until then
     set_seed(training_args.seed)  # the decoder's random init must not depend on what ran before
-    data = prepare_data(args, training_args)
+    split = split_data(args, training_args)
     model, processor, natural = load_model_for_finetuning(
         args.model,
-        data.dataset.id2label,
+        split.dataset.id2label,
         training_args.output_dir,
         drop_path_rate=args.drop_path_rate,
-        ignore_index=data.dataset.ignore_label,
+        ignore_index=split.dataset.ignore_label,
         main_process_first=training_args.main_process_first,
     )
-    model.config.image_size = args.patch_size  # the inference tile defaults to the training patch
-    processor = processor or MedDINOv3ImageProcessor()
-    processor.target_spacing = list(data.target_spacing)
-    processor.size = None  # resampling to the working spacing decides the size
-    data.train.set_normalizer(processor.normalize)
-    data.eval.set_normalizer(processor.normalize)
+    backbone_config(model.config).image_size = args.patch_size  # the inference tile defaults to the patch
+    processor = working_processor(processor, split.target_spacing)
+    data = prepare_data(args, training_args, processor, split)
     backbone_lr = args.backbone_learning_rate
     if backbone_lr is None:
         backbone_lr = BACKBONE_LR_NATURAL if natural else BACKBONE_LR_CT
@@ -546,7 +353,7 @@ def _card_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def write_output_card(
     output_dir: str | os.PathLike,
-    model: MedDINOv3ForSemanticSegmentation,
+    model: PreTrainedModel,
     processor: MedDINOv3ImageProcessor,
     data: FinetuneData,
     args: FinetuneArguments,
@@ -580,8 +387,14 @@ def run_finetune(argv: list[str] | None = None) -> int:
         # torchrun / accelerate launch on a CPU-only machine: transformers only builds a gloo process group
         # (instead of silently running every rank as a separate single-process job) when told it is on CPU.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    from .preflight import check_hub_push, check_output_dir, explain_arguments_error
+
     parser = HfArgumentParser((FinetuneArguments, FinetuneTrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments' own validation, e.g. --bf16 without bf16 support
+        print(f"error: {explain_arguments_error(err)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
@@ -590,6 +403,20 @@ def run_finetune(argv: list[str] | None = None) -> int:
     # the finished folder ourselves (finetuning.hub).
     push, training_args.push_to_hub = training_args.push_to_hub, False
     try:
+        # nnU-Net's way of naming datasets (an ID or DatasetXXX_Name under $nnUNet_raw), and
+        # `--resume_from_checkpoint true` = the latest checkpoint-N of --output_dir (transformers' rule).
+        from ..data.nnunet_ids import resolve_nnunet_dataset
+        from .resume import resolve_resume_checkpoint
+
+        args.dataset = str(resolve_nnunet_dataset(args.dataset))
+        training_args.resume_from_checkpoint = resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
+        # Before any work: an output that would overwrite the inputs, a push that could only fail at the end.
+        check_output_dir(training_args.output_dir, args.dataset, args.model)
+        if push:
+            repo = training_args.hub_model_id or Path(training_args.output_dir).name
+            check_hub_push(repo, token=training_args.hub_token)
         trainer, data = build_trainer(args, training_args)
     except (DatasetValidationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

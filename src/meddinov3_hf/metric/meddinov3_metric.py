@@ -10,9 +10,12 @@ Load it offline from the installed package::
 
 Each prediction/reference is one case: a 2-D ``(Y, X)`` or 3-D ``(Z, Y, X)`` integer label map (all cases
 in one call must have the same dimensionality). The numbers come from
-:func:`meddinov3_hf.metrics.compute_segmentation_metrics`; see that module for the empty-mask conventions.
-Large 3-D volumes pass through Arrow as nested lists, which is slow: for whole CT volumes prefer
-``meddinov3_hf.metrics.evaluate_folders`` or the function itself.
+:func:`meddinov3_hf.metrics.compute_segmentation_metrics` and the means from
+:func:`meddinov3_hf.metrics.mean_over_cases` (as in `meddinov3 evaluate` and fine-tuning); see that module
+for the empty-mask conventions. The script imports the installed package by absolute name, so
+``evaluate.load(path)`` works on a copy of this file too. Large 3-D volumes pass through Arrow as nested
+lists, which is slow: for whole CT volumes prefer ``meddinov3_hf.volumes.evaluation.evaluate_folders`` or
+the function itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from meddinov3_hf.metrics import compute_segmentation_metrics
+from meddinov3_hf.metrics import compute_segmentation_metrics, mean_over_cases
 
 _DESCRIPTION = "Per-class Dice, 95th-percentile Hausdorff distance (mm) and normalized surface Dice."
 _CITATION = """\
@@ -43,7 +46,7 @@ Args:
     tolerance_mm (float, optional): NSD tolerance, default 1.0.
 Returns:
     mean_dice, mean_hd95, mean_nsd: averages over classes and cases.
-    per_class: {class: {dice, hd95, nsd}} averaged over cases.
+    per_class: {class: {dice, hd95, nsd}} averaged over the cases that have the class.
     per_example: list of compute_segmentation_metrics results, one per case.
 """
 
@@ -86,15 +89,12 @@ class MedDINOv3SegmentationMetric(evaluate.Metric):
             compute_segmentation_metrics(np.asarray(p), np.asarray(r), spacing, labels, tolerance_mm)
             for p, r in zip(predictions, references, strict=True)
         ]
-        classes = sorted({c for m in per_example for c in m if c != "mean"})
-        per_class = {
-            c: {k: float(np.mean([m[c][k] for m in per_example if c in m])) for k in ("dice", "hd95", "nsd")}
-            for c in classes
-        }
+        means = mean_over_cases(per_example)
+        overall = means.pop("mean")
         return {
-            "mean_dice": float(np.mean([m["mean"]["dice"] for m in per_example])),
-            "mean_hd95": float(np.mean([m["mean"]["hd95"] for m in per_example])),
-            "mean_nsd": float(np.mean([m["mean"]["nsd"] for m in per_example])),
-            "per_class": per_class,
+            "mean_dice": overall["dice"],
+            "mean_hd95": overall["hd95"],
+            "mean_nsd": overall["nsd"],
+            "per_class": means,
             "per_example": per_example,
         }

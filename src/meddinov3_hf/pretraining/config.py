@@ -39,10 +39,37 @@ class ModelConfig:
 
 @dataclass
 class HeadsConfig:
-    out_dim: int = 65536
+    # Separate DINO and iBOT heads, each with its own sizes (dinov3/configs/ssl_default_config.yaml `dino.head_*`
+    # and `ibot.head_*`, `ibot.separate_head: true`).
+    out_dim: int = 65536  # DINO prototypes (dino.head_n_prototypes)
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    ibot_out_dim: int | None = None  # iBOT prototypes (ibot.head_n_prototypes); None: out_dim
+    ibot_hidden_dim: int | None = None  # None: hidden_dim
+    ibot_bottleneck_dim: int | None = None  # None: bottleneck_dim
+    # Heads stored with --init (a converted release folder, the release .pth, an export or a checkpoint) set
+    # the head sizes and weights; false: fresh heads of the sizes above.
+    from_init: bool = True
+    # Fresh heads only: "dinov3" = trunc_normal(std 0.02) prototype rows (dinov3/layers/dino_head.py); "unit" =
+    # the same rows scaled to unit norm (DINOv2's weight-norm start).
+    last_layer_init: str = "dinov3"
+
+    def sizes(self, head: str) -> dict[str, int]:
+        """DINOHead kwargs of "dino_head" or "ibot_head"."""
+        if head == "dino_head":
+            return dict(
+                out_dim=self.out_dim,
+                hidden_dim=self.hidden_dim,
+                bottleneck_dim=self.bottleneck_dim,
+                nlayers=self.nlayers,
+            )
+        return dict(
+            out_dim=self.ibot_out_dim or self.out_dim,
+            hidden_dim=self.ibot_hidden_dim or self.hidden_dim,
+            bottleneck_dim=self.ibot_bottleneck_dim or self.bottleneck_dim,
+            nlayers=self.nlayers,
+        )
 
 
 @dataclass
@@ -67,12 +94,17 @@ class MaskingConfig:
 class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
-    koleo_weight: float = 0.1  # applied to the sum over global crops (SPEC §7: 0.1·G·mean)
+    # Applied to the sum over global crops, i.e. 0.1·G·mean (dinov3/train/ssl_meta_arch.py `koleo_scale`);
+    # the logged "koleo" is the mean over global crops, as DINOv3 logs `koleo_loss`.
+    koleo_weight: float = 0.1
     gram_weight: float = 0.0
     student_temp: float = 0.1
     sinkhorn_iterations: int = 3
     gram_remove_negatives: bool = False
     gram_per_image: bool = True
+    # Gram teacher at a higher resolution: its patch map is resized to the student's grid bicubically without
+    # antialiasing (dinov3/configs/ssl_default_config.yaml gram.global_teacher_resize_{method,antialias}).
+    gram_resize_antialias: bool = False
 
 
 @dataclass
@@ -86,16 +118,23 @@ class GramConfig:
 class OptimConfig:
     base_lr: float = 1e-3
     min_lr: float = 1e-6
-    scale_lr_with_batch: bool = True  # lr ·= sqrt(global_batch / 1024)
+    # DINOv3's `sqrt_wrt_1024` rule (dinov3/configs/config.py `apply_scaling_rules_to_cfg` and
+    # dinov3/train/train.py `build_schedulers_v2`): lr ·= 4·sqrt(global_batch / 1024).
+    scale_lr_with_batch: bool = True
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    # Clipped per module (backbone, DINO head, iBOT head), one norm each (dinov3/train/train.py); 0: off.
     clip_grad: float = 3.0
     fused: bool | None = None  # None: fused AdamW on CUDA
 
 
 @dataclass
 class ScheduleConfig:
+    # "cosine": linear warm-up to the peak lr, then cosine to min_lr (stage 1, dinov3/train/cosine_lr_scheduler.py
+    # `CosineScheduler`). "constant": linear warm-up from 0 to the peak lr, then constant (DINOv3's v2 schedules
+    # with peak == end, dinov3/configs/train/dinov3_vit7b16_gram_anchor.yaml); min_lr is not used.
+    lr_schedule: str = "cosine"
     epochs: float = 100
     iters_per_epoch: int = 1250
     warmup_epochs: float = 10
@@ -113,7 +152,10 @@ class ScheduleConfig:
 class TrainConfig:
     batch_size: int = 64  # per process and micro-step
     gradient_accumulation_steps: int = 1
-    max_steps: int | None = None  # stop early; schedules still span schedule.epochs
+    # Length of the run: every schedule spans max_steps (warm-ups and freezes shrink in proportion), as
+    # transformers' Trainer `max_steps` does. None: schedule.epochs × schedule.iters_per_epoch.
+    max_steps: int | None = None
+    stop_at_step: int | None = None  # stop early at this step; the schedules keep their full length
     seed: int = 0
     mixed_precision: str = "bf16"
     num_workers: int = 8  # DataLoader workers per process (capped by the shards each process gets)
@@ -169,6 +211,14 @@ class PretrainConfig:
                 raise ValueError("crops.size_choices probabilities must sum to > 0")
         if self.train.gradient_accumulation_steps < 1 or self.train.batch_size < 2:
             raise ValueError("train.batch_size must be >= 2 (KoLeo) and gradient_accumulation_steps >= 1")
+        if self.schedule.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"schedule.lr_schedule must be 'cosine' or 'constant', got {self.schedule.lr_schedule!r}"
+            )
+        for key in ("max_steps", "stop_at_step"):
+            value = getattr(self.train, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
         if self.model.pos_embed_rescale is not None and self.model.rope_precision == "bf16":
             raise ValueError("model.pos_embed_rescale is only applied with rope_precision fp32")
 

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation of CT slices in Hounsfield units (SPEC §3, §5).
+"""Multi-crop augmentation of CT slices in Hounsfield units (docs/method.md §3, §5).
 
 Every crop goes: random-resized crop in HU → flips → Gaussian blur → Gaussian noise → level shift →
 clip to a (jittered) window → gamma inside the window → z-score with the reference statistics (through

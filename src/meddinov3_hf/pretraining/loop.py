@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +35,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from meddinov3_hf.configuration_meddinov3 import MedDINOv3Config
 from meddinov3_hf.image_processing_meddinov3 import MedDINOv3ImageProcessor
 from meddinov3_hf.modeling_meddinov3 import MedDINOv3Model
 
+from .checkpoints import (
+    HEAD_NAMES,
+    HEADS_FILE,
+    STATE_FILE,
+    CheckpointLoadError,
+    head_sizes,
+    latest_checkpoint,
+    load_init,
+    load_resume_state,
+)
 from .config import PretrainConfig, config_to_dict, flat_config, load_config
 from .crops import MultiCropAugmentation, collate_multicrop
 from .health import HealthProbe
 from .masking import sample_masks
 from .meta_arch import SelfDistillationMetaArch, StepInputs
-from .schedules import PretrainSchedules, param_groups
+from .schedules import PretrainSchedules, param_groups, scaled_lr
 
 __all__ = [
     "CropBatchStream",
@@ -60,9 +69,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "pretrain_state.json"
-HEADS_FILE = "heads.safetensors"
 
 
 def mix_seed(*values: int) -> int:
@@ -229,51 +235,23 @@ def _backbone_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     return out
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    """A training checkpoint folder for `path` (a checkpoint itself, or a run folder → its latest)."""
-    if (path / STATE_FILE).is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path / "checkpoints")
-    return None
-
-
-def _load_init_states(path: Path) -> tuple[MedDINOv3Config, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(backbone config, backbone state, heads state) from an export folder, a checkpoint, a run folder or a
-    transformers DINOv3 folder (converted)."""
-    ckpt = _checkpoint_dir(path)
-    if ckpt is not None:
-        meta = json.loads((ckpt / STATE_FILE).read_text())
-        teacher = torch.load(ckpt / f"custom_checkpoint_{meta['teacher_index']}.pkl", map_location="cpu")
-        backbone = {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}
-        heads = {k: v for k, v in teacher.items() if not k.startswith("backbone.")}
-        return MedDINOv3Config.from_dict(meta["backbone_config"]), backbone, heads
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"--init {path}: neither a model folder (config.json) nor a training checkpoint"
-        )
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = path
-        if model_type == "dinov3_vit":  # natural-image DINOv3 in transformers layout: convert explicitly
-            from meddinov3_hf.convert import convert_checkpoint
-
-            convert_checkpoint(path, Path(tmp) / "converted")
-            folder = Path(tmp) / "converted"
-        model = MedDINOv3Model.from_pretrained(folder)
-    heads = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else {}
-    return model.config, model.state_dict(), heads
+SCRATCH_LAYERSCALE = 1.0
 
 
 def build_backbone(cfg: PretrainConfig, init: str | None) -> tuple[MedDINOv3Model, dict[str, torch.Tensor]]:
     """The student backbone (from `init` or from scratch) with the stage's training overrides, and any
     pretrained head weights found next to `init`."""
     if init is None:
-        config = MedDINOv3Config(**cfg.model.scratch, **_backbone_overrides(cfg))
+        # LayerScale starts at SCRATCH_LAYERSCALE unless model.scratch sets layerscale_value: with DINOv3's 1e-5
+        # (models/vision_transformer.py) a fresh ViT's blocks add ~1e-5 to the cls token, so every image gets
+        # the same CLS feature to float precision (mean pairwise cosine 1.000000, retrieval 0) and the DINO loss
+        # has nothing image-specific to distil at the start of a from-scratch run. Continued pretraining
+        # (--init) keeps the checkpoint's trained LayerScale.
+        scratch = {"layerscale_value": SCRATCH_LAYERSCALE, **cfg.model.scratch}
+        config = MedDINOv3Config(**scratch, **_backbone_overrides(cfg))
         config._attn_implementation = cfg.model.attn_implementation
         return MedDINOv3Model(config), {}
-    config, state, heads = _load_init_states(Path(init))
+    config, state, heads = load_init(init)
     config = MedDINOv3Config.from_dict({**config.to_dict(), **_backbone_overrides(cfg)})
     config._attn_implementation = cfg.model.attn_implementation
     model = MedDINOv3Model(config)
@@ -284,17 +262,45 @@ def build_backbone(cfg: PretrainConfig, init: str | None) -> tuple[MedDINOv3Mode
     return model, heads
 
 
-def _load_heads(meta: SelfDistillationMetaArch, heads: dict[str, torch.Tensor]) -> bool:
-    """Load head weights into student and teacher if they fit this stage's heads; False otherwise."""
-    if not heads:
+def heads_config_from_init(cfg: PretrainConfig, heads: dict[str, torch.Tensor]) -> bool:
+    """Set `cfg.heads` sizes from head weights found with --init (`heads.from_init`); True if they will load.
+    Both heads must be present; one without the other raises with the key names."""
+    if not heads or not cfg.heads.from_init:
         return False
-    target = {k: v for k, v in meta.student.state_dict().items() if not k.startswith("backbone.")}
-    if set(heads) != set(target) or any(heads[k].shape != target[k].shape for k in target):
-        logger.warning("head weights next to --init do not match the configured heads; heads start fresh")
-        return False
-    for branch in (meta.student, meta.teacher):
-        branch.load_state_dict(heads, strict=False)
+    present = {name for name in HEAD_NAMES if any(k.startswith(name + ".") for k in heads)}
+    if present != set(HEAD_NAMES):
+        raise CheckpointLoadError(
+            f"--init {cfg.init}: head weights hold {sorted(present)} but not {sorted(set(HEAD_NAMES) - present)}"
+        )
+    dino, ibot = head_sizes(heads, "dino_head"), head_sizes(heads, "ibot_head")
+    if dino["nlayers"] != ibot["nlayers"]:
+        raise CheckpointLoadError(f"--init {cfg.init}: DINO and iBOT heads differ in depth ({dino}, {ibot})")
+    h = cfg.heads
+    h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers = (
+        dino["out_dim"],
+        dino["hidden_dim"],
+        dino["bottleneck_dim"],
+        dino["nlayers"],
+    )
+    h.ibot_out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim = (
+        ibot["out_dim"],
+        ibot["hidden_dim"],
+        ibot["bottleneck_dim"],
+    )
     return True
+
+
+def load_heads(meta: SelfDistillationMetaArch, heads: dict[str, torch.Tensor], source: str) -> None:
+    """Load `dino_head.*`/`ibot_head.*` weights into student and teacher; every head key must match."""
+    for branch in (meta.student, meta.teacher):
+        for name in HEAD_NAMES:
+            module = getattr(branch, name)
+            part = {k[len(name) + 1 :]: v for k, v in heads.items() if k.startswith(name + ".")}
+            missing, unexpected = module.load_state_dict(part, strict=False)
+            if missing or unexpected:
+                raise CheckpointLoadError(
+                    f"{source}: {name} weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}"
+                )
 
 
 def export_teacher(
@@ -303,7 +309,7 @@ def export_teacher(
     gathered: tuple[MedDINOv3Model, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the EMA teacher backbone as a MedDINOv3Model folder (+ processor config and the teacher heads in
-    heads.safetensors for a later stage), atomically (temporary folder, then rename). `gathered`: the full
+    pretraining_heads.safetensors, the converter's name, for a later stage or `--init`), atomically (temporary folder, then rename). `gathered`: the full
     teacher from `gather_teacher` (FSDP), else `meta.teacher` is read directly."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -352,11 +358,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.positions = int(state["step"]), state["positions"]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(p for p in Path(root).glob("step_*") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
 
 
 def save_checkpoint(accelerator: Any, state: TrainState, cfg: PretrainConfig, meta: Any, root: Path) -> Path:
@@ -427,6 +428,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.output_dir)
+    from ..files import check_output_path  # never write into (or over) the dataset or the --init weights
+
+    check_output_path(out_dir, [cfg.dataset, cfg.init], kind="into", option="--output_dir")
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.log_with if cfg.train.log_with not in (None, "none") else None,
@@ -465,9 +469,14 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         else:
             gram_backbone = copy.deepcopy(backbone)
         gram_backbone.config.drop_path_rate = 0.0
+    heads_from_init = heads_config_from_init(cfg, heads)
     meta = SelfDistillationMetaArch(backbone, cfg.heads, cfg.loss, gram_backbone)
-    if _load_heads(meta, heads):
-        accelerator.print("loaded pretrained DINO/iBOT heads from --init")
+    if heads_from_init:
+        load_heads(meta, heads, f"--init {cfg.init}")
+        accelerator.print(
+            f"DINO/iBOT heads from --init {cfg.init}: dino {cfg.heads.sizes('dino_head')}, "
+            f"ibot {cfg.heads.sizes('ibot_head')}"
+        )
     if cfg.model.gradient_checkpointing:
         bb = meta.student.backbone  # transformers 5.x renamed the method; keep working on both names
         if hasattr(bb, "activation_checkpointing_enable"):
@@ -506,9 +515,21 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             "warmup_teacher_temp_epochs": s.warmup_teacher_temp_epochs,
             "freeze_last_layer_epochs": s.freeze_last_layer_epochs,
             "batch_size": global_batch if cfg.optim.scale_lr_with_batch else None,
+            "lr_schedule": s.lr_schedule,
+            "total_steps": cfg.train.max_steps,  # --max_steps: every schedule spans it (as the Trainer's)
         }
     )
-    total_steps = len(schedules) if cfg.train.max_steps is None else min(cfg.train.max_steps, len(schedules))
+    total_steps = len(schedules)
+    if cfg.train.stop_at_step is not None:  # stop early, schedules unchanged
+        total_steps = min(cfg.train.stop_at_step, total_steps)
+    peak_lr = scaled_lr(cfg.optim.base_lr, global_batch if cfg.optim.scale_lr_with_batch else None)
+    start_message = (
+        f"{cfg.stage}: peak lr {peak_lr:.3e} (base_lr {cfg.optim.base_lr:g}"
+        + (f" x 4*sqrt({global_batch}/1024)" if cfg.optim.scale_lr_with_batch else ", unscaled")
+        + f", {s.lr_schedule} schedule), schedules span {len(schedules)} steps, training {total_steps} steps"
+    )
+    logger.info(start_message)
+    accelerator.print(start_message)
 
     student, optimizer = accelerator.prepare(meta.student, optimizer)
     state = TrainState()
@@ -518,7 +539,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         teachers = [FullStateDict(t) for t in teachers]  # same checkpoint files as with DDP
     accelerator.register_for_checkpointing(state, *teachers)  # teacher_index = 1 (see save_checkpoint)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        # Not accelerator.load_state: it unpickles custom_checkpoint_*.pkl and RNG files with weights_only=False.
+        load_resume_state(accelerator, resume_dir, student, optimizer, [state, *teachers])
         info = json.loads((resume_dir / STATE_FILE).read_text())
         if info["world_size"] != world:
             raise ValueError(
@@ -562,6 +584,19 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "pretrain_config.yaml").write_text(_yaml_dump(config_to_dict(cfg)))
         _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        if start_step == 0:
+            _append_metrics(
+                out_dir / "metrics.jsonl",
+                {
+                    "step": 0,
+                    "start": {
+                        "peak_lr": peak_lr,
+                        "global_batch": global_batch,
+                        "total_steps": total_steps,
+                        "schedule_steps": len(schedules),
+                    },
+                },
+            )
     if accelerator.log_with:
         accelerator.init_trackers(cfg.train.project_name, config=flat_config(cfg))
 
@@ -615,7 +650,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulation
             state.current_position = tuple(int(x) for x in batch["position"])
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+        grad_norms = clip_gradients_per_module(accelerator, meta.student, cfg.optim.clip_grad)
         if values["last_layer_lr"] == 0.0:  # prototypes frozen: also keep their Adam moments untouched
             for head in (meta.student.dino_head, meta.student.ibot_head):
                 for p in head.last_layer_parameters():
@@ -632,7 +667,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 raise FloatingPointError(f"non-finite loss at step {step}: {reduced}")
             logs = {f"loss/{k}": v for k, v in reduced.items()}
             logs.update({f"schedule/{k}": v for k, v in values.items()})
-            logs["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            logs.update({f"train/{k}_grad_norm": v for k, v in grad_norms.items()})
+            logs["train/peak_lr"] = peak_lr
             logs["train/global_crop_size"] = float(inputs.global_crops.shape[-1])
             record = {"step": state.step, **logs}
             history.append(record)
@@ -661,6 +697,26 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     _export(accelerator, meta, fsdp, export)
     accelerator.end_training()
     return {"step": state.step, "export": str(export), "history": history}
+
+
+def clip_gradients_per_module(
+    accelerator: Any, student: torch.nn.Module, max_norm: float
+) -> dict[str, float]:
+    """Clip the backbone, the DINO head and the iBOT head separately, one norm each, as dinov3/train/train.py does
+    (a spike in one head then does not shrink the whole step). Returns each module's norm before clipping
+    (`max_norm` <= 0: norms only). `student` is the unwrapped branch (same parameters as the prepared one)."""
+    accelerator.unscale_gradients()  # fp16 loss scaling: once per step, before any norm
+    norms: dict[str, float] = {}
+    for name in ("backbone", *HEAD_NAMES):
+        params = [p for p in getattr(student, name).parameters() if p.grad is not None]
+        if not params:
+            continue
+        limit = max_norm if max_norm and max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        norms[name] = float(norm)
+    return norms
 
 
 class FullStateDict:
@@ -737,7 +793,21 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", help="backbone folder (MedDINOv3/DINOv3), export or checkpoint; omit: scratch"
     )
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir")
-    parser.add_argument("--max_steps", "--max-steps", dest="max_steps", type=int)
+    parser.add_argument(
+        "--max_steps",
+        "--max-steps",
+        dest="max_steps",
+        type=int,
+        help="train N steps with every schedule (warm-up, cosine, teacher momentum/temperature) spanning N, as "
+        "finetune.py/the Trainer does",
+    )
+    parser.add_argument(
+        "--stop_at_step",
+        "--stop-at-step",
+        dest="stop_at_step",
+        type=int,
+        help="stop early at step N but keep the full-length schedules (e.g. to try the start of a long run)",
+    )
     # A flag, not nargs="?": an optional value would swallow the first dotted override after it.
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
@@ -760,6 +830,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         overrides.append("resume=latest")
     if getattr(args, "max_steps", None) is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if getattr(args, "stop_at_step", None) is not None:
+        overrides.append(f"train.stop_at_step={args.stop_at_step}")
     # Strings passed through YAML parsing could turn into numbers/bools; set paths verbatim instead.
     cfg = load_config(args.config, [o for o in overrides if o.split("=", 1)[0] not in _PATH_KEYS])
     for o in overrides:
@@ -774,5 +846,14 @@ _PATH_KEYS = ("dataset", "init", "output_dir", "resume")
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
+    """Train; a bad input (file, option, checkpoint) is one line on stderr and exit code 2, as the CLI does."""
+    import sys
+
+    try:
+        cfg = config_from_args(args)
+        train(cfg)
+    except (ValueError, OSError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0

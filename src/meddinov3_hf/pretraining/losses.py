@@ -1,4 +1,4 @@
-"""Self-distillation losses of MedDINOv3 pretraining, written from SPEC §7.
+"""Self-distillation losses of MedDINOv3 pretraining, written from docs/method.md §7.
 
 All arithmetic is fp32 (bf16 inputs are upcast). Notation: G global crops, L local crops, B images per
 crop, K prototypes.
@@ -66,7 +66,7 @@ def _logsumexp_over_samples(log_q: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 @_fp32
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
-    """Sinkhorn-Knopp teacher targets (SPEC §7), world-size aware.
+    """Sinkhorn-Knopp teacher targets (docs/method.md §7), world-size aware.
 
     `teacher_logits (M, K)` are this process's samples (CLS logits of the teacher's global crops for DINO,
     masked-patch logits for iBOT). Returns fp32 targets `(M, K)` whose rows sum to 1 and whose prototype
@@ -165,7 +165,9 @@ class iBOTPatchLoss(nn.Module):
 class KoLeoLoss(nn.Module):
     """Kozachenko–Leonenko entropy regulariser: −mean log(nearest-neighbour distance) on the unit sphere.
 
-    forward(x (B, D)) → scalar, over this process's batch (as in DINOv2); B ≥ 2.
+    forward(x (B, D)) → scalar, over this process's batch (as in DINOv2); B ≥ 2. The distance is
+    `nn.PairwiseDistance(2, eps=1e-8)`'s, ‖z_i − z_j + eps‖ (eps inside the norm, dinov3/loss/koleo_loss.py),
+    so two identical rows give −log(sqrt(D)·eps + eps) exactly as the reference does.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
@@ -181,7 +183,7 @@ class KoLeoLoss(nn.Module):
             sim = z @ z.t()
             sim.fill_diagonal_(-math.inf)
             nn_idx = sim.argmax(dim=1)
-        dist_nn = torch.linalg.vector_norm(z - z[nn_idx], dim=-1)
+        dist_nn = F.pairwise_distance(z, z[nn_idx], p=2.0, eps=self.eps)
         return -torch.log(dist_nn + self.eps).mean()
 
 
@@ -216,11 +218,12 @@ class GramLoss(nn.Module):
 
 
 def resize_patch_features(
-    features: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int], antialias: bool = True
+    features: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int], antialias: bool = False
 ) -> torch.Tensor:
     """Bicubic resize of a patch grid: `(B, h1·w1, D)` → `(B, h2·w2, D)` (row-major tokens).
 
-    Used for a Gram teacher run at higher resolution; antialias because that resize is a downsampling.
+    Used for a Gram teacher run at higher resolution. No antialiasing by default, as DINOv3 resizes it
+    (dinov3/train/ssl_meta_arch.py with gram.global_teacher_resize_antialias: false in its configs).
     """
     b, n, d = features.shape
     if n != from_hw[0] * from_hw[1]:

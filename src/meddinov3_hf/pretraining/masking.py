@@ -1,4 +1,4 @@
-"""Block-wise patch masks for the iBOT loss (SPEC §5, §7)."""
+"""Block-wise patch masks for the iBOT loss (docs/method.md §5, §7)."""
 
 from __future__ import annotations
 

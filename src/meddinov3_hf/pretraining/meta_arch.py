@@ -1,4 +1,4 @@
-"""Student / EMA teacher / Gram teacher and the loss of one pretraining step (SPEC §5, §7).
+"""Student / EMA teacher / Gram teacher and the loss of one pretraining step (docs/method.md §5, §7).
 
 Only `SelfDistillationMetaArch.student` (backbone + DINO head + iBOT head) is trained and handed to
 `accelerator.prepare`; its single `forward` runs every student crop so that DDP sees one forward per
@@ -66,14 +66,10 @@ class SSLBranch(nn.Module):
         super().__init__()
         self.backbone = backbone
         dim = backbone.config.hidden_size
-        kwargs = dict(
-            out_dim=heads.out_dim,
-            hidden_dim=heads.hidden_dim,
-            bottleneck_dim=heads.bottleneck_dim,
-            nlayers=heads.nlayers,
-        )
-        self.dino_head = DINOHead(dim, **kwargs)
-        self.ibot_head = DINOHead(dim, **kwargs)
+        # Separate heads with their own prototype counts (dinov3/train/ssl_meta_arch.py, ibot.separate_head).
+        init = heads.last_layer_init  # fresh heads only; loaded heads replace these weights
+        self.dino_head = DINOHead(dim, **heads.sizes("dino_head"), last_layer_init=init)
+        self.ibot_head = DINOHead(dim, **heads.sizes("ibot_head"), last_layer_init=init)
 
     def encode(self, pixel_values: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed tokens (B, 1 + R + N, D)."""
@@ -120,7 +116,7 @@ class StepInputs:
 
 
 class SelfDistillationMetaArch(nn.Module):
-    """Holds student, teacher and Gram teacher; computes the four losses of SPEC §7 for one micro-batch."""
+    """Holds student, teacher and Gram teacher; computes the four losses of docs/method.md §7 for one micro-batch."""
 
     def __init__(
         self,
@@ -137,8 +133,8 @@ class SelfDistillationMetaArch(nn.Module):
         if gram_backbone is not None:
             gram_backbone.requires_grad_(False).eval()
         self.loss_cfg = loss
-        self.dino_loss = DINOLoss(heads.out_dim, student_temp=loss.student_temp)
-        self.ibot_loss = iBOTPatchLoss(heads.out_dim, student_temp=loss.student_temp)
+        self.dino_loss = DINOLoss(heads.sizes("dino_head")["out_dim"], student_temp=loss.student_temp)
+        self.ibot_loss = iBOTPatchLoss(heads.sizes("ibot_head")["out_dim"], student_temp=loss.student_temp)
         self.koleo_loss = KoLeoLoss()
         self.gram_loss = GramLoss(remove_negatives=loss.gram_remove_negatives, per_image=loss.gram_per_image)
 
@@ -168,7 +164,7 @@ class SelfDistillationMetaArch(nn.Module):
         tokens = self.gram_teacher(crops).last_hidden_state[:, _num_prefix(self.gram_teacher) :]
         patch = self.gram_teacher.config.patch_size
         src_hw = (crops.shape[-2] // patch, crops.shape[-1] // patch)
-        return resize_patch_features(tokens, src_hw, grid_hw)
+        return resize_patch_features(tokens, src_hw, grid_hw, antialias=self.loss_cfg.gram_resize_antialias)
 
     def forward_losses(
         self,
@@ -189,7 +185,9 @@ class SelfDistillationMetaArch(nn.Module):
         dino_logits = out["dino_logits"].float().view(-1, batch, dino_t.shape[-1])
         dino = self.dino_loss(dino_logits, dino_t)
         ibot = self.ibot_loss(out["ibot_logits"], ibot_t, inputs.masks)
-        koleo = sum(self.koleo_loss(c) for c in out["cls"].view(n_g, batch, -1))
+        # KoLeo on the pre-head CLS of each global crop; logged as the mean over global crops and weighted as
+        # weight · G · mean (dinov3/train/ssl_meta_arch.py `koleo_scale = n_global_crops`).
+        koleo = sum(self.koleo_loss(c) for c in out["cls"].view(n_g, batch, -1)) / n_g
         terms = {
             "dino_local": dino["local"].detach(),
             "dino_global": dino["global"].detach(),
@@ -197,7 +195,7 @@ class SelfDistillationMetaArch(nn.Module):
             "ibot": ibot,
             "koleo": koleo,
         }
-        total = cfg.dino_weight * dino["loss"] + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+        total = cfg.dino_weight * dino["loss"] + cfg.ibot_weight * ibot + cfg.koleo_weight * n_g * koleo
         if self.gram_teacher is not None and cfg.gram_weight > 0:
             patch = self.student.backbone.config.patch_size
             grid = (inputs.global_crops.shape[-2] // patch, inputs.global_crops.shape[-1] // patch)

@@ -1,4 +1,4 @@
-"""Per-iteration schedules and AdamW parameter groups for pretraining (SPEC §5)."""
+"""Per-iteration schedules and AdamW parameter groups for pretraining (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PretrainSchedules", "cosine_schedule", "linear_warmup_then_constant", "param_groups"]
+__all__ = [
+    "PretrainSchedules",
+    "cosine_schedule",
+    "linear_warmup_then_constant",
+    "param_groups",
+    "scaled_lr",
+]
+
+
+def scaled_lr(base_lr: float, global_batch: int | None) -> float:
+    """Peak lr under DINOv3's `sqrt_wrt_1024` rule: base_lr · 4 · sqrt(global_batch / 1024) (the factor 4 is in
+    dinov3/configs/config.py `apply_scaling_rules_to_cfg` and dinov3/train/train.py `build_schedulers_v2`, not
+    in the rule's name). `global_batch` None: no scaling."""
+    if global_batch is None:
+        return float(base_lr)
+    return float(base_lr) * 4.0 * math.sqrt(float(global_batch) / 1024.0)
 
 
 def cosine_schedule(
@@ -53,14 +68,20 @@ class PretrainSchedules:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PretrainSchedules:
-        """Build from plain config values (defaults = SPEC §5 stage 1).
+        """Build from plain config values (defaults = docs/method.md §5 stage 1).
 
         Keys: epochs, iters_per_epoch, base_lr, min_lr, warmup_epochs, wd, wd_end, momentum_teacher,
         final_momentum_teacher, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs,
-        freeze_last_layer_epochs, batch_size (global; base_lr is scaled by sqrt(batch_size / 1024) when
-        given, as in DINOv2 — min_lr is not scaled). Epoch counts may be fractional.
+        freeze_last_layer_epochs, batch_size (global; base_lr is scaled by 4·sqrt(batch_size / 1024) when
+        given, see `scaled_lr` — min_lr is not scaled, as in DINOv3's v1 `CosineScheduler`), lr_schedule
+        ("cosine" or "constant": linear warm-up from 0, then the scaled base_lr throughout), total_steps (the
+        schedules span this many steps; every epoch count is rescaled by total_steps / (epochs ·
+        iters_per_epoch), as transformers' Trainer `max_steps` sets the schedule length). Epoch counts may be
+        fractional.
         """
         c = {
+            "lr_schedule": "cosine",
+            "total_steps": None,
             "base_lr": 1e-3,
             "min_lr": 1e-6,
             "warmup_epochs": 10,
@@ -76,17 +97,24 @@ class PretrainSchedules:
             "batch_size": None,
             **cfg,
         }
-        ipe = int(c["iters_per_epoch"])
+        ipe = float(c["iters_per_epoch"])
+        if c["total_steps"] is not None:
+            ipe = int(c["total_steps"]) / float(c["epochs"])  # all schedules compressed/stretched to span it
 
         def steps(epochs: float) -> int:
             return int(round(float(epochs) * ipe))
 
-        total = steps(c["epochs"])
-        base_lr = float(c["base_lr"])
-        if c["batch_size"] is not None:
-            base_lr *= math.sqrt(float(c["batch_size"]) / 1024.0)
-
-        lr = cosine_schedule(base_lr, c["min_lr"], total, warmup_steps=min(steps(c["warmup_epochs"]), total))
+        total = steps(c["epochs"]) if c["total_steps"] is None else int(c["total_steps"])
+        if total < 1:
+            raise ValueError(f"the schedules would span {total} steps (epochs × iters_per_epoch)")
+        base_lr = scaled_lr(c["base_lr"], c["batch_size"])
+        warmup = min(steps(c["warmup_epochs"]), total)
+        if c["lr_schedule"] == "constant":
+            lr = linear_warmup_then_constant(0.0, base_lr, warmup, total)
+        elif c["lr_schedule"] == "cosine":
+            lr = cosine_schedule(base_lr, c["min_lr"], total, warmup_steps=warmup)
+        else:
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {c['lr_schedule']!r}")
         last_layer_lr = lr.copy()
         last_layer_lr[: steps(c["freeze_last_layer_epochs"])] = 0.0  # prototypes frozen early for stability
         return cls(

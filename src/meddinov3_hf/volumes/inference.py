@@ -14,11 +14,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..heads import backbone_config, check_logits, patch_size
 from ..image_processing_meddinov3 import MedDINOv3ImageProcessor
 from .io import CTVolume
 
@@ -55,7 +57,9 @@ def tile_starts(length: int, tile: int, step: float = 0.5) -> list[int]:
 
 
 class VolumeSegmenter:
-    """Segments `CTVolume`s with a `MedDINOv3ForSemanticSegmentation` (or any model returning `.logits`).
+    """Segments `CTVolume`s with any segmentation model of the package (`heads.is_segmentation_model`: logits
+    (B, K, H, W) for pixel_values (B, 1, H, W)), e.g. `MedDINOv3ForSemanticSegmentation` or UperNet on
+    `MedDINOv3Backbone`.
 
     Args:
         model: the segmentation model (moved to `device`, put in eval mode).
@@ -89,13 +93,9 @@ class VolumeSegmenter:
             if self.processor.size is not None:
                 tile_size = (self.processor.size["height"], self.processor.size["width"])
             else:
-                tile_size = getattr(model.config, "image_size", 896)
+                tile_size = getattr(backbone_config(model.config), "image_size", 896)
         self.tile = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(int(t) for t in tile_size)
-        patch = (
-            model.config.patch_size
-            if isinstance(model.config.patch_size, int)
-            else model.config.patch_size[0]
-        )
+        patch = patch_size(model.config)
         if self.tile[0] % patch or self.tile[1] % patch:
             raise ValueError(f"tile size {self.tile} must be a multiple of the patch size {patch}")
         self.step = step
@@ -108,10 +108,7 @@ class VolumeSegmenter:
     # -- geometry ---------------------------------------------------------------------------------------------
     def working_shape(self, shape_yx: tuple[int, int], spacing_yx: tuple[float, float]) -> tuple[int, int]:
         """In-plane size after resampling to the processor's `target_spacing` (unchanged without one)."""
-        target = self.processor.target_spacing
-        if target is None:
-            return tuple(shape_yx)
-        return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape_yx, spacing_yx, target))
+        return self.processor.resampled_shape(shape_yx, spacing_yx)
 
     # -- prediction -------------------------------------------------------------------------------------------
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -123,7 +120,9 @@ class VolumeSegmenter:
         ):
             for dims in flips:
                 x = tiles.flip(dims) if dims else tiles
-                logits = self.model(pixel_values=x).logits.float()
+                logits = self.model(pixel_values=x).logits
+                check_logits(logits, x, self.num_labels, self.model)
+                logits = logits.float()
                 logits = logits.flip(dims) if dims else logits
                 total = logits if total is None else total + logits
         return total / len(flips)
@@ -196,10 +195,10 @@ class VolumeSegmenter:
             else:
                 probabilities = np.zeros(shape, dtype=np.float16)
         chunks = list(self._chunks(depth, height, width))
-        if progress:
-            from tqdm.auto import tqdm
+        if progress:  # tqdm.auto: a widget in Jupyter (nothing without ipywidgets), text in a terminal
+            from ..progress import progress_bar
 
-            chunks = tqdm(chunks, desc=Path(volume.source).name or "volume", unit="chunk")
+            chunks = progress_bar(chunks, desc=Path(volume.source).name or "volume", unit="chunk")
         for chunk in chunks:
             hu = torch.from_numpy(np.ascontiguousarray(volume.hu[chunk]))
             logits = self.predict_slices(hu, spacing_yx)
@@ -211,25 +210,48 @@ class VolumeSegmenter:
         return SegmentationResult(labels=labels, probabilities=probabilities)
 
 
+def from_pretrained_or_explain(loader, model_dir: str | Path, **kwargs):
+    """`loader.from_pretrained(model_dir)` with any failure (missing folder, corrupt or garbage
+    model.safetensors, unreadable config) turned into one `ValueError` line naming the folder or file."""
+    folder, text = Path(model_dir), str(model_dir)
+    if not folder.exists():
+        # Only `org/name` (whose `org` is not a local folder) may be a Hub repo id; anything else is a path.
+        hub_like = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
+        if not hub_like or Path(text.split("/")[0]).is_dir():
+            raise ValueError(f"{model_dir}: no such model folder")
+    elif not (folder / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model folder (no config.json in it)")
+    try:
+        return loader.from_pretrained(model_dir, **kwargs)
+    except Exception as err:  # safetensors' SafetensorError, OSError, JSON errors, HFValidationError, ...
+        names = ("model.safetensors", "model.safetensors.index.json", "config.json")
+        weights = next((f for f in names if (folder / f).is_file()), None)
+        where = folder / weights if folder.is_dir() and weights else model_dir
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{where}: cannot load the model ({type(err).__name__}: {first})") from err
+
+
 def load_segmentation_model(
     model_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, MedDINOv3ImageProcessor]:
     """Load a segmentation folder (model + processor); a clear error if it has no segmentation head."""
     from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
-    from ..modeling_meddinov3 import MedDINOv3ForSemanticSegmentation
+    from ..heads import is_segmentation_config, is_segmentation_model
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = from_pretrained_or_explain(AutoConfig, model_dir)
     architectures = getattr(config, "architectures", None) or []
-    if "MedDINOv3ForSemanticSegmentation" not in architectures:
+    if not is_segmentation_config(config):
         raise ValueError(
             f"{model_dir}: this model has no segmentation head (architectures {architectures}); "
             "fine-tune it first (training/finetune.py) or pass a segmentation model folder"
         )
-    model, info = AutoModelForSemanticSegmentation.from_pretrained(model_dir, output_loading_info=True)
+    model, info = from_pretrained_or_explain(
+        AutoModelForSemanticSegmentation, model_dir, output_loading_info=True
+    )
     if info.get("missing_keys"):
         raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])[:8]}")
-    assert isinstance(model, MedDINOv3ForSemanticSegmentation)
+    assert is_segmentation_model(model)
     try:
         processor = MedDINOv3ImageProcessor.from_pretrained(model_dir)
     except OSError:
@@ -242,79 +264,132 @@ class SegmentJob:
     source: str
     output: str
     probabilities: str | None = None
+    series: str | None = None  # SeriesInstanceUID to read from a DICOM folder holding several
+    outputs: Any = None  # volumes.outputs.OutputOptions: DICOM-SEG/RTSTRUCT, statistics, clean-up, names
 
 
-def plan_jobs(source: str | Path, output: str | Path, save_probabilities: bool = False) -> list[SegmentJob]:
+def plan_jobs(
+    source: str | Path, output: str | Path, save_probabilities: bool = False, series: str | None = None
+) -> list[SegmentJob]:
     """One job per case: a NIfTI file or DICOM folder → `output` file; a folder of NIfTI files → `output`
-    folder with one `CASE.nii.gz` per input (nnU-Net `_0000` channel suffixes dropped)."""
-    from .io import case_name, list_volumes
+    folder with one `CASE.nii.gz` per input (nnU-Net `_0000` channel suffixes dropped).
+
+    Refused before anything is written: outputs equal to or inside the input (folder), two inputs that map
+    to one output name, a folder holding both DICOM and NIfTI files. Stale temporaries of the package's own
+    pattern left next to the planned outputs by an interrupted run are removed."""
+    from ..files import check_output_path, remove_stale_temporaries
+    from .io import case_name, check_not_mixed_folder, list_volumes
 
     source, output = Path(source), Path(output)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
+    if source.is_dir():
+        check_not_mixed_folder(source)
     nifti = list_volumes(source) if source.is_dir() else []
     if source.is_dir() and nifti:
-        output.mkdir(parents=True, exist_ok=True)
-        jobs = [SegmentJob(str(p), str(output / f"{case_name(p)}.nii.gz")) for p in nifti]
+        if series is not None:
+            raise ValueError(f"{source}: --series applies to a DICOM folder, this is a folder of NIfTI files")
+        check_output_path(output, [source], kind="into", option="-o")
+        names: dict[str, Path] = {}
+        for path in nifti:
+            if case_name(path) in names:
+                raise ValueError(
+                    f"{source}: {names[case_name(path)].name} and {path.name} would both be written to "
+                    f"{output / (case_name(path) + '.nii.gz')}; rename or move one of them"
+                )
+            names[case_name(path)] = path
+        jobs = [SegmentJob(str(p), str(output / f"{name}.nii.gz")) for name, p in names.items()]
     else:  # a single NIfTI file, or a DICOM series folder
         if output.suffix not in (".nii", ".gz"):
             raise ValueError(f"{output}: the output for one volume must be a .nii or .nii.gz file")
-        jobs = [SegmentJob(str(source), str(output))]
-    if save_probabilities:
-        for job in jobs:
+        jobs = [SegmentJob(str(source), str(output), series=series)]
+    for job in jobs:
+        if save_probabilities:
             stem = job.output[: -len(".nii.gz")] if job.output.endswith(".nii.gz") else job.output[:-4]
             job.probabilities = f"{stem}_probabilities.nii.gz"
+        for path in (job.output, job.probabilities):
+            if path is not None:
+                check_output_path(path, [source], suffixes=(".nii.gz", ".nii"), overwrite=True, option="-o")
+    if source.is_dir() and nifti:
+        output.mkdir(parents=True, exist_ok=True)
+    for folder in {Path(job.output).parent for job in jobs}:
+        finals = [Path(p).name for job in jobs for p in (job.output, job.probabilities) if p is not None]
+        remove_stale_temporaries(folder, finals)
     return jobs
 
 
 def run_jobs(
     jobs: list[SegmentJob],
-    model_dir: str | Path,
+    model_dir: str | Path | list[str],
     device: str = "cpu",
     batch_size: int = 8,
     tta: bool = False,
     progress: bool = True,
+    options: Any = None,
 ) -> list[str]:
-    """Segment `jobs` on one device; returns the error messages of cases that failed (others still run)."""
+    """Segment `jobs` on one device; returns the error messages of cases that failed (others still run).
+    `model_dir` may be a list (an ensemble); `options` is a `volumes.predictor.PredictOptions`."""
     from .io import load_volume, save_labels, save_volume
+    from .predictor import apply_roi_subset, build_predictor, roi_subset_labels, save_probabilities_npz
 
-    model, processor = load_segmentation_model(model_dir, device)
-    segmenter = VolumeSegmenter(model, processor, batch_size=batch_size, tta=tta, device=device)
+    segmenter, id2label = build_predictor(model_dir, device, batch_size, tta, options)
+    keep = roi_subset_labels(options.roi_subset if options is not None else None, id2label)
+    if keep is not None:  # --roi-subset: only these structures in the outputs and statistics
+        id2label = {0: id2label.get(0, "background"), **keep}
     errors = []
     for job in jobs:
         try:
-            volume = load_volume(job.source)
+            volume = load_volume(job.source, series=job.series)
             result = segmenter.segment(
                 volume, return_probabilities=job.probabilities is not None, progress=progress
             )
-            save_labels(result.labels, volume, job.output)
-            if job.probabilities is not None:
+            result.labels = apply_roi_subset(result.labels, keep)
+            # Probabilities first, labels last: a labels file on disk means its probabilities are complete.
+            if job.probabilities is not None and job.probabilities.endswith(".npz"):
+                save_probabilities_npz(result.probabilities, volume, job.probabilities)
+            elif job.probabilities is not None:
                 save_volume(result.probabilities, volume, job.probabilities, channel_axis=0)
-        except (ValueError, OSError) as err:
+            if job.outputs is None:
+                save_labels(result.labels, volume, job.output)
+            else:
+                from .outputs import write_case_outputs
+
+                write_case_outputs(result.labels, volume, job.output, job.outputs, id2label, job.series)
+        except (ValueError, OSError, MemoryError) as err:
             errors.append(f"{job.source}: {err}" if job.source not in str(err) else str(err))
     return errors
 
 
 def _worker(args: tuple) -> list[str]:
-    jobs, model_dir, device, batch_size, tta = args
-    return run_jobs(jobs, model_dir, device, batch_size, tta, progress=False)
+    jobs, model_dir, device, batch_size, tta, options = args
+    return run_jobs(jobs, model_dir, device, batch_size, tta, progress=False, options=options)
 
 
 def run_jobs_on_devices(
     jobs: list[SegmentJob],
-    model_dir: str | Path,
+    model_dir: str | Path | list[str],
     devices: list[str],
     batch_size: int = 8,
     tta: bool = False,
     progress: bool = True,
+    options: Any = None,
 ) -> list[str]:
     """One case per device at a time: cases are dealt round-robin to one process per device."""
     if len(devices) <= 1 or len(jobs) <= 1:
-        return run_jobs(jobs, model_dir, devices[0] if devices else "cpu", batch_size, tta, progress)
+        device = devices[0] if devices else "cpu"
+        return run_jobs(jobs, model_dir, device, batch_size, tta, progress, options=options)
     import multiprocessing as mp
 
     shards = [
-        (jobs[i :: len(devices)], str(model_dir), dev, batch_size, tta) for i, dev in enumerate(devices)
+        (
+            jobs[i :: len(devices)],
+            model_dir if isinstance(model_dir, list) else str(model_dir),
+            dev,
+            batch_size,
+            tta,
+            options,
+        )
+        for i, dev in enumerate(devices)
     ]
     with mp.get_context("spawn").Pool(len(devices)) as pool:
         return [err for errs in pool.map(_worker, shards) for err in errs]

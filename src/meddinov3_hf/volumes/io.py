@@ -17,20 +17,27 @@ viewer.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
-import re
-import uuid
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from ..files import atomic_path
+from .ctvolume import (
+    _CANONICAL_ORNT,
+    CANONICAL_AXCODES,
+    CTVolume,
+    VolumeError,
+    VolumeNotFoundError,
+    _nifti_suffix,
+    case_name,
+    list_volumes,
+)
 
 __all__ = [
     "CANONICAL_AXCODES",
@@ -44,168 +51,6 @@ __all__ = [
     "save_labels",
     "save_volume",
 ]
-
-# Axis codes of the canonical array read in (x, y, z) index order: x -> Left, y -> Posterior, z -> Superior.
-CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
-_CANONICAL_ORNT = axcodes2ornt(CANONICAL_AXCODES)
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-class VolumeError(ValueError):
-    """A volume (file, folder or array) cannot be read or written; the message names it and the problem."""
-
-
-class VolumeNotFoundError(VolumeError, FileNotFoundError):
-    """The volume path does not exist (also a :class:`FileNotFoundError`)."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Small path helpers
-# --------------------------------------------------------------------------------------------------------
-
-
-def _nifti_suffix(path: str | os.PathLike[str]) -> str | None:
-    name = Path(path).name.lower()
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return None
-
-
-@contextlib.contextmanager
-def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``final_path``; move it into place only if the block succeeds.
-
-    The temporary name is hidden (leading dot) and keeps the final suffix (``.nii.gz``, ``.json``, ...)
-    so writers that dispatch on the extension (nibabel gzips ``.gz``) behave as for the real name.
-    ``os.replace`` within one directory is atomic, so readers never see a half-written file. On error the
-    temporary file is removed and the exception propagates. The parent directory is created if needed.
-    """
-    final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _nifti_suffix(final) or "".join(final.suffixes[-1:])
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise VolumeError(f"{final}: nothing was written to the temporary file {tmp.name}")
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def list_volumes(folder: str | os.PathLike[str]) -> list[Path]:
-    """Sorted ``.nii`` / ``.nii.gz`` files directly inside ``folder`` (hidden/temporary files skipped)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise VolumeNotFoundError(f"{folder}: folder does not exist")
-    if not folder.is_dir():
-        raise VolumeError(f"{folder}: not a folder")
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _nifti_suffix(p)
-    )
-
-
-def case_name(path: str | os.PathLike[str]) -> str:
-    """Case identifier of a volume file: the name without ``.nii.gz``/``.nii`` and without a trailing
-    nnU-Net channel suffix ``_0000`` (so ``img/case_7_0000.nii.gz`` and ``lbl/case_7.nii.gz`` match)."""
-    name = Path(path).name
-    suffix = _nifti_suffix(name)
-    if suffix:
-        name = name[: -len(suffix)]
-    return re.sub(r"_0000$", "", name)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The volume container
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CTVolume:
-    """A CT volume in canonical orientation plus what is needed to map results back to the source.
-
-    Attributes:
-        hu: float32 array ``(Z, Y, X)``, Hounsfield units, canonical orientation (see module docstring).
-        spacing: voxel size in mm as ``(sz, sy, sx)`` matching ``hu``'s axes.
-        source: the file/folder path, or ``"<array>"`` / ``"<nibabel image>"``.
-    """
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
-    source: str
-    _affine: np.ndarray = field(repr=False)
-    _header: nib.Nifti1Header = field(repr=False)
-    _original_shape: tuple[int, int, int] = field(repr=False)
-    # nibabel orientation transform: original voxel axes -> canonical (x, y, z) = LPS axes.
-    _to_canonical: np.ndarray = field(repr=False)
-
-    @property
-    def affine(self) -> np.ndarray:
-        """4x4 voxel->RAS-world affine of the ORIGINAL stored voxel order (a copy)."""
-        return self._affine.copy()
-
-    @property
-    def header(self) -> nib.Nifti1Header:
-        """A copy of the NIfTI header used when writing outputs for this volume."""
-        return self._header.copy()
-
-    @property
-    def original_shape(self) -> tuple[int, int, int]:
-        """Shape of the volume in the source's stored voxel order."""
-        return self._original_shape
-
-    @property
-    def canonical_affine(self) -> np.ndarray:
-        """4x4 affine mapping canonical index ``(x, y, z)`` (i.e. ``hu[z, y, x]``) to RAS world mm."""
-        return self._affine @ inv_ornt_aff(self._to_canonical, self._original_shape)
-
-    def to_canonical(self, array: np.ndarray) -> np.ndarray:
-        """Map an array in the ORIGINAL stored voxel order ``original_shape`` (+ optional trailing channel
-        axes) to canonical ``(Z, Y, X, ...)`` order. Inverse of :meth:`to_original`."""
-        array = np.asanyarray(array)
-        if tuple(array.shape[:3]) != self._original_shape:
-            raise ValueError(
-                f"{self.source}: array of shape {array.shape} does not start with the original shape "
-                f"{self._original_shape}"
-            )
-        xyz = apply_orientation(array, self._to_canonical)
-        return np.swapaxes(xyz, 0, 2)
-
-    def to_original(self, array_zyx: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
-        """Map a canonical array back to the source's stored voxel order (exact: permutation + flips).
-
-        Args:
-            array_zyx: ``(Z, Y, X)`` (same spatial shape as ``hu``), any dtype. With ``channel_axis`` set
-                it has one extra axis at that position, e.g. ``(C, Z, Y, X)`` with ``channel_axis=0`` or
-                ``(Z, Y, X, C)`` with ``channel_axis=-1``.
-            channel_axis: position of the channel axis in ``array_zyx``, or ``None`` for no channels.
-
-        Returns:
-            ``original_shape`` array, or ``original_shape + (C,)`` with channels LAST (nibabel's 4-D
-            convention), regardless of where the channel axis was in the input.
-        """
-        array = np.asanyarray(array_zyx)
-        if channel_axis is not None:
-            if array.ndim != 4:
-                raise ValueError(f"{self.source}: channel_axis given but array has shape {array.shape}")
-            array = np.moveaxis(array, channel_axis, -1)
-        elif array.ndim != 3:
-            raise ValueError(
-                f"{self.source}: expected a (Z, Y, X) array, got shape {array.shape} "
-                "(pass channel_axis for a channel dimension)"
-            )
-        if tuple(array.shape[:3]) != tuple(self.hu.shape):
-            raise ValueError(
-                f"{self.source}: array spatial shape {tuple(array.shape[:3])} != canonical volume shape "
-                f"{tuple(self.hu.shape)}"
-            )
-        xyz = np.swapaxes(array, 0, 2)
-        back = ornt_transform(_CANONICAL_ORNT, io_orientation(self._affine))
-        return np.ascontiguousarray(apply_orientation(xyz, back))
-
 
 # --------------------------------------------------------------------------------------------------------
 # Loading
@@ -281,6 +126,59 @@ def _build_volume(
     )
 
 
+# Largest volume accepted (voxels): 2^31, e.g. 1024 x 1024 x 2048, already 8 GiB as float32 HU.
+MAX_VOXELS = 2**31
+# Deflate cannot compress better than about 1032:1, so a .nii.gz declaring more data than that is lying.
+_MAX_GZIP_RATIO = 1032
+
+
+def _check_declared_size(img: Any, path: Path) -> None:
+    """Refuse a header whose declared shape cannot be in the file (or is implausibly large) before reading."""
+    shape = tuple(int(s) for s in img.shape)
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if voxels > MAX_VOXELS:
+        raise VolumeError(
+            f"{path}: header declares shape {shape} ({voxels:.3g} voxels), more than the {MAX_VOXELS:.3g} "
+            "this package reads; the header is corrupt or the file is not a CT volume"
+        )
+    declared = voxels * img.get_data_dtype().itemsize
+    size = path.stat().st_size
+    offset = int(img.header.get("vox_offset", 0)) if hasattr(img.header, "get") else 0
+    limit = size * _MAX_GZIP_RATIO if _nifti_suffix(path) == ".nii.gz" else size - offset
+    if declared > limit:
+        raise VolumeError(
+            f"{path}: header declares shape {shape} ({declared} bytes of {img.get_data_dtype()}) but the file "
+            f"({size} bytes{', compressed' if _nifti_suffix(path) == '.nii.gz' else ''}) cannot hold that much; "
+            "the file is truncated or its header is wrong"
+        )
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def check_not_mixed_folder(folder: str | os.PathLike[str]) -> None:
+    """Refuse a folder that holds both DICOM and NIfTI files: which of them is the scan is a guess."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    nifti = [p for p in files if _nifti_suffix(p)]
+    if not nifti:
+        return
+    dicom = next((p for p in files if not _nifti_suffix(p) and _is_dicom_file(p)), None)
+    if dicom is not None:
+        raise VolumeError(
+            f"{folder}: holds both DICOM files (e.g. {dicom.name}) and NIfTI files (e.g. {nifti[0].name}); "
+            "it is unclear which is the scan, so nothing is read: put the DICOM series and the NIfTI files "
+            "in separate folders"
+        )
+
+
 def _load_nifti_image(img: Any, name: str) -> CTVolume:
     try:
         data = img.get_fdata(dtype=np.float32)  # applies scl_slope / scl_inter -> HU
@@ -316,6 +214,7 @@ def _array_volume(array: np.ndarray, spacing: Any) -> CTVolume:
 def load_volume(
     source: str | os.PathLike[str] | np.ndarray | nib.spatialimages.SpatialImage,
     spacing: tuple[float, float, float] | None = None,
+    series: str | None = None,
 ) -> CTVolume:
     """Load a CT volume and reorient it to the canonical ``(Z, Y, X)`` layout.
 
@@ -324,6 +223,8 @@ def load_volume(
             DICOM file), a nibabel image, or a numpy array that is ALREADY canonical ``(Z, Y, X)``.
         spacing: ``(sz, sy, sx)`` in mm; required for numpy arrays, must be ``None`` otherwise (the
             spacing comes from the file).
+        series: the SeriesInstanceUID to read from a DICOM folder holding several series (a folder with
+            several and no ``series`` is refused with the list of UIDs and descriptions).
 
     Returns:
         :class:`CTVolume` with float32 HU (NIfTI scaling / DICOM rescale applied).
@@ -347,17 +248,21 @@ def load_volume(
     if not path.exists():
         raise VolumeNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _load_dicom_series(path)
+        check_not_mixed_folder(path)
+        return _load_dicom_series(path, series)
     if _nifti_suffix(path):
+        if series is not None:
+            raise VolumeError(f"{path}: --series selects a DICOM series; this is a NIfTI file")
         if path.stat().st_size == 0:
             raise VolumeError(f"{path}: file is empty")
         try:
             img = nib.load(path)
         except Exception as exc:  # nibabel raises many types for garbage (ImageFileError, OSError, ...)
             raise VolumeError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        _check_declared_size(img, path)
         return _load_nifti_image(img, str(path))
     # Anything else: accept a lone DICOM file as a one-slice series, otherwise report the format problem.
-    return _load_dicom_series(path)
+    return _load_dicom_series(path, series)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -365,125 +270,22 @@ def load_volume(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _import_pydicom() -> Any:
+def _import_pydicom(
+    message: str = "Reading DICOM needs pydicom: pip install 'meddinov3-hf[dicom]' (or pip install pydicom)",
+) -> Any:
     try:
         import pydicom
     except ImportError as exc:  # optional dependency
-        raise ImportError(
-            "Reading DICOM needs pydicom: pip install 'meddinov3-hf[dicom]' (or pip install pydicom)"
-        ) from exc
+        raise ImportError(message) from exc
     return pydicom
 
 
-def _load_dicom_series(path: Path) -> CTVolume:
-    """Read one DICOM series (a folder, or a single file) into a canonical :class:`CTVolume`."""
-    pydicom = _import_pydicom()
-    from pydicom.errors import InvalidDicomError
+def _load_dicom_series(path: Path, series_uid: str | None = None) -> CTVolume:
+    """Read one DICOM series (a folder, or a single file) into a canonical :class:`CTVolume`
+    (:mod:`.dicom_series`)."""
+    from .dicom_series import load_dicom_series
 
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    headers: list[tuple[Path, Any]] = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
-            continue  # not DICOM (README, .DS_Store, ...) -> skipped by design
-        # Only image slices with geometry take part (skips DICOMDIR, structured reports, ...).
-        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
-            headers.append((f, ds))
-    if not headers:
-        what = "folder contains no" if path.is_dir() else "file is not a"
-        raise VolumeError(
-            f"{path}: {what} DICOM image slice with ImagePositionPatient/ImageOrientationPatient/"
-            "PixelSpacing (and it is not a .nii/.nii.gz file)"
-        )
-
-    series: dict[str, list[tuple[Path, Any]]] = {}
-    for f, ds in headers:
-        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
-    if len(series) > 1:
-        uid, chosen = max(series.items(), key=lambda kv: len(kv[1]))
-        counts = ", ".join(f"{k or '<no UID>'}: {len(v)}" for k, v in series.items())
-        warnings.warn(
-            f"{path}: {len(series)} DICOM series found ({counts}); using {uid} with {len(chosen)} slices",
-            UserWarning,
-            stacklevel=3,
-        )
-    else:
-        chosen = next(iter(series.values()))
-
-    def geom(item: tuple[Path, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        f, ds = item
-        try:
-            iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-            ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-            ps = np.asarray([float(v) for v in ds.PixelSpacing], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise VolumeError(f"{f}: unreadable geometry tags ({exc})") from exc
-        if iop.shape != (6,) or ipp.shape != (3,) or ps.shape != (2,) or np.any(ps <= 0):
-            raise VolumeError(f"{f}: malformed ImageOrientationPatient/ImagePositionPatient/PixelSpacing")
-        return iop, ipp, ps
-
-    iop0, _, ps0 = geom(chosen[0])
-    row_dir, col_dir = iop0[:3], iop0[3:]
-    normal = np.cross(row_dir, col_dir)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise VolumeError(f"{chosen[0][0]}: ImageOrientationPatient is not two orthonormal vectors")
-    positions = []
-    for item in chosen:
-        iop, ipp, ps = geom(item)
-        if not np.allclose(iop, iop0, atol=1e-4) or not np.allclose(ps, ps0, rtol=1e-3):
-            raise VolumeError(
-                f"{item[0]}: orientation/pixel spacing differs from the rest of series in {path}"
-            )
-        positions.append(ipp)
-    order = np.argsort([float(np.dot(normal, p)) for p in positions], kind="stable")
-    chosen = [chosen[i] for i in order]
-    positions = [positions[i] for i in order]
-
-    n = len(chosen)
-    if n > 1:
-        dists = np.diff([float(np.dot(normal, p)) for p in positions])
-        if np.any(dists <= 1e-6):
-            dup = chosen[int(np.argmin(dists)) + 1][0]
-            raise VolumeError(f"{path}: two slices share one position (e.g. {dup}); several series/echoes?")
-        median = float(np.median(dists))
-        if np.max(np.abs(dists - median)) > 0.01 * median:
-            raise VolumeError(
-                f"{path}: slice spacing is not uniform (from {dists.min():.4g} to {dists.max():.4g} mm); "
-                "missing slices or a variable-spacing series"
-            )
-        # The true step vector (equals normal * spacing, or is sheared for a tilted gantry).
-        step = (positions[-1] - positions[0]) / (n - 1)
-    else:
-        ds = chosen[0][1]
-        thickness = float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 0) or 1.0)
-        step = normal * thickness
-
-    # Voxel (i, j, k) = (column, row, slice); LPS patient coordinates as in the DICOM standard.
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps0[1]  # moving along a row = next column; PixelSpacing[1] = column spacing
-    lps[:3, 1] = col_dir * ps0[0]  # moving down a column = next row; PixelSpacing[0] = row spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> nibabel's RAS world
-    header = _fresh_header(affine, code=1)  # scanner-anatomical coordinates
-    affine = header.get_best_affine()  # what a saved/reloaded NIfTI will carry
-
-    slices = []
-    rows, cols = int(chosen[0][1].Rows), int(chosen[0][1].Columns)
-    for f, _ in chosen:
-        try:
-            ds = pydicom.dcmread(f)
-            pixels = ds.pixel_array
-        except Exception as exc:  # compressed syntax without a decoder, truncated pixel data, ...
-            raise VolumeError(f"{f}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-        if pixels.shape != (rows, cols):
-            raise VolumeError(f"{f}: pixel array shape {pixels.shape} != ({rows}, {cols}) of the series")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    data = np.stack([s.T for s in slices], axis=-1)  # (columns, rows, slices) = (i, j, k)
-    return _build_volume(data, affine, header, str(path))
+    return load_dicom_series(path, series_uid)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -502,7 +304,9 @@ def _check_output_path(path: str | os.PathLike[str], reference: CTVolume) -> Pat
     return out
 
 
-def _write_nifti(data: np.ndarray, header: nib.Nifti1Header, reference: CTVolume, out: Path) -> Path:
+def _write_nifti(
+    data: np.ndarray, header: nib.Nifti1Header, reference: CTVolume, out: Path, streamed: bool = False
+) -> Path:
     header.set_data_shape(data.shape)
     header.set_slope_inter(1.0, 0.0)  # outputs are stored unscaled
     header["cal_min"] = 0
@@ -511,29 +315,46 @@ def _write_nifti(data: np.ndarray, header: nib.Nifti1Header, reference: CTVolume
     # Passing the reference's own best affine leaves qform/sform (codes + matrices) untouched.
     img = image_cls(data, reference._affine, header=header)
     with atomic_path(out) as tmp:
-        nib.save(img, tmp)
+        if not streamed:
+            nib.save(img, tmp)
+            return out
+        from nibabel.openers import ImageOpener
+        from nibabel.volumeutils import seek_tell
+
+        img.update_header()  # what nib.save does first: shape, magic, qform/sform
+        header = img.header
+        dtype = header.get_data_dtype()
+        with ImageOpener(tmp, "wb") as handle:
+            header.write_to(handle)
+            seek_tell(handle, header.get_data_offset(), write0=True)
+            # NIfTI stores voxels in Fortran order: the first axis fastest, channels (4th axis) slowest.
+            for channel in np.ndindex(*data.shape[3:]):
+                for k in range(data.shape[2]):
+                    plane = data[(slice(None), slice(None), k, *channel)]
+                    handle.write(np.asarray(plane, dtype=dtype).tobytes(order="F"))
     return out
 
 
-def save_labels(labels_zyx: np.ndarray, reference: CTVolume, path: str | os.PathLike[str]) -> Path:
+def save_labels(
+    labels_zyx: np.ndarray,
+    reference: CTVolume,
+    path: str | os.PathLike[str],
+    label_names: dict[int, str] | None = None,
+) -> Path:
     """Write a canonical ``(Z, Y, X)`` integer label map as NIfTI that overlays ``reference``'s source.
+
+    With ``label_names`` (``{id: name}``) the names travel in the header extension TotalSegmentator uses
+    (see :mod:`meddinov3_hf.volumes.labels`).
 
     The data is mapped back to the source's stored voxel order and written with the source's exact affine
     and a copy of its header (qform/sform codes and matrices, pixdim, units kept). Datatype is uint8 when
     the max label < 256, else int16 (< 32768), uint16 (< 65536) or int32; scaling is reset (slope 1,
     intercept 0) and the intent set to "label". Written atomically; refuses to overwrite the source.
     """
+    from .labels import integer_labels, set_nifti_label_names
+
     out = _check_output_path(path, reference)
-    labels = np.asanyarray(labels_zyx)
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)):
-            raise ValueError(f"{out}: labels must be integers, got dtype {labels.dtype}")
-        if not np.array_equal(labels, np.round(labels)):
-            raise ValueError(f"{out}: labels have non-integer values (dtype {labels.dtype})")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"{out}: labels must be >= 0, found {labels.min()}")
+    labels = integer_labels(labels_zyx, str(out))
     max_label = int(labels.max()) if labels.size else 0
     dtype: type[np.integer]
     if max_label < 256:
@@ -548,6 +369,8 @@ def save_labels(labels_zyx: np.ndarray, reference: CTVolume, path: str | os.Path
     header = reference.header
     header.set_data_dtype(dtype)
     header.set_intent("label")
+    if label_names:
+        set_nifti_label_names(header, label_names)
     return _write_nifti(data, header, reference, out)
 
 
@@ -563,9 +386,12 @@ def save_volume(
         array_zyx: ``(Z, Y, X)``, or with a channel axis at ``channel_axis`` (e.g. ``(C, Z, Y, X)``).
         channel_axis: position of the channel axis; channels are stored as the 4th NIfTI dimension
             (``original_shape + (C,)``), nibabel's convention.
+
+    Memory stays bounded: the array is reoriented as a view and converted and written one stored slice
+    (of one channel) at a time, so no full-size copy is ever made (`--save-probabilities` on large scans).
     """
     out = _check_output_path(path, reference)
-    data = reference.to_original(np.asanyarray(array_zyx), channel_axis=channel_axis).astype(np.float32)
+    data = reference._original_view(np.asanyarray(array_zyx), channel_axis)
     header = reference.header
     header.set_data_dtype(np.float32)
     header.set_intent("none")
@@ -573,4 +399,4 @@ def save_volume(
         zooms = header.get_zooms()[:3]
         header.set_data_shape(data.shape)
         header.set_zooms(tuple(zooms) + (1.0,))  # the channel axis has no physical size
-    return _write_nifti(data, header, reference, out)
+    return _write_nifti(data, header, reference, out, streamed=True)
