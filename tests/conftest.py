@@ -116,3 +116,31 @@ def release_checkpoint(config: MedDINOv3Config, seed: int = 0) -> tuple[DINOv3Vi
 @pytest.fixture
 def tiny() -> MedDINOv3Config:
     return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random segmentation model folder (32 px tiles, 1 mm working spacing), one per test module."""
+    from meddinov3_hf import MedDINOv3ForSemanticSegmentation, MedDINOv3ImageProcessor
+
+    folder = tmp_path_factory.mktemp("seg-model")
+    torch.manual_seed(0)
+    MedDINOv3ForSemanticSegmentation(tiny_config(image_size=32)).save_pretrained(folder)
+    MedDINOv3ImageProcessor(target_spacing=[1.0, 1.0]).save_pretrained(folder)
+    return folder
+
+
+# Prepended to a subprocess script: `import meddinov3_hf` fails there, as for a user without the package.
+BLOCK_PACKAGE_IMPORT = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "meddinov3_hf":
+            raise ImportError("meddinov3_hf is blocked in this test")
+sys.meta_path.insert(0, Block())
+try:
+    import meddinov3_hf
+    raise SystemExit("the block did not work")
+except ImportError:
+    pass
+"""

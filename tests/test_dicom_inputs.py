@@ -8,8 +8,6 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_config
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
@@ -18,19 +16,9 @@ from dicom_series import phantom, write_series  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid  # noqa: E402
 
-from meddinov3_hf import MedDINOv3ForSemanticSegmentation, MedDINOv3ImageProcessor  # noqa: E402
 from meddinov3_hf.cli import main as cli_main  # noqa: E402
 from meddinov3_hf.volumes.dicom_in import find_series  # noqa: E402
 from meddinov3_hf.volumes.io import load_volume  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("seg-model")
-    torch.manual_seed(0)
-    MedDINOv3ForSemanticSegmentation(tiny_config(image_size=32)).save_pretrained(folder)
-    MedDINOv3ImageProcessor(target_spacing=[1.0, 1.0]).save_pretrained(folder)
-    return folder
 
 
 def _study(root):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_dinov3, release_checkpoint, tiny_config
+from conftest import BLOCK_PACKAGE_IMPORT, reference_dinov3, release_checkpoint, tiny_config
 from hub_standin import HubStandIn
 from huggingface_hub import constants
 from safetensors.torch import load_file
@@ -166,21 +166,10 @@ def test_push_to_hub_then_load_with_remote_code_without_the_package(hub, online,
     x = torch.randn(1, 1, 32, 32)
     expected = _hidden(MedDINOv3Model.from_pretrained("converted"), x)
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(
+    script = BLOCK_PACKAGE_IMPORT + textwrap.dedent(
         f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "meddinov3_hf":
-                    raise ImportError("meddinov3_hf is blocked in this test")
-        sys.meta_path.insert(0, Block())
         import numpy as np, torch
         from transformers import AutoImageProcessor, AutoModel
-        try:
-            import meddinov3_hf
-            raise SystemExit("the block did not work")
-        except ImportError:
-            pass
         io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
         model = AutoModel.from_pretrained("me/meddinov3-tiny", trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__

@@ -9,11 +9,9 @@ import xml.etree.ElementTree as ET
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from conftest import LABELS, tiny_config
 from scipy import ndimage
 
-from meddinov3_hf import MedDINOv3ForSemanticSegmentation, MedDINOv3ImageProcessor
 from meddinov3_hf.cli import main as cli_main
 from meddinov3_hf.volumes.io import load_volume, save_labels
 from meddinov3_hf.volumes.labels import (
@@ -238,15 +236,6 @@ def test_postprocess_refuses_labels_outside_the_model_set(tmp_path, capsys):
 
 
 # -- segment ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("seg-model")
-    torch.manual_seed(0)
-    MedDINOv3ForSemanticSegmentation(tiny_config(image_size=32)).save_pretrained(folder)
-    MedDINOv3ImageProcessor(target_spacing=[1.0, 1.0]).save_pretrained(folder)
-    return folder
-
-
 def test_segment_writes_every_output_type_from_a_dicom_series(tmp_path, model_dir):
     pytest.importorskip("highdicom")
     import highdicom as hd

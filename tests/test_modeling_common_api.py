@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import LABELS, reference_dinov3, tiny_config
+from conftest import BLOCK_PACKAGE_IMPORT, LABELS, reference_dinov3, tiny_config
 from huggingface_hub.errors import HFValidationError
 from transformers import (
     AutoBackbone,
@@ -364,21 +364,10 @@ def test_saved_folders_load_as_remote_code_without_the_package(tmp_path):
         torch.save(
             {"x": x, "logits": seg(x).logits, "dinov3": reference(x).last_hidden_state}, tmp_path / "io.pt"
         )
-    script = textwrap.dedent(
+    script = BLOCK_PACKAGE_IMPORT + textwrap.dedent(
         f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "meddinov3_hf":
-                    raise ImportError("meddinov3_hf is blocked in this test")
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModel, AutoModelForSemanticSegmentation
-        try:
-            import meddinov3_hf
-            raise SystemExit("the block did not work")
-        except ImportError:
-            pass
         io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
         seg = AutoModelForSemanticSegmentation.from_pretrained({str(tmp_path / "seg")!r}, trust_remote_code=True)
         assert type(seg).__module__.startswith("transformers_modules."), type(seg).__module__

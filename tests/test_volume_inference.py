@@ -136,15 +136,6 @@ def test_memory_is_bounded_per_chunk(monkeypatch):
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("seg-model")
-    torch.manual_seed(0)
-    MedDINOv3ForSemanticSegmentation(tiny_config(image_size=32)).save_pretrained(folder)
-    MedDINOv3ImageProcessor(target_spacing=[1.0, 1.0]).save_pretrained(folder)
-    return folder
-
-
 def _write_scan(path, affine=AFFINES["LPS"], shape=(37, 29, 6)):
     nib.save(nib.Nifti1Image(_scan(shape), affine), path)
     return path
