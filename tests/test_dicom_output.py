@@ -252,3 +252,19 @@ def test_seg_and_rtstruct_on_pydicoms_ct_small(tmp_path):
         )
     got = _fill_even_odd(polygons, (source.Rows, source.Columns))
     np.testing.assert_array_equal(got, volume.to_original(labels)[:, :, 0].T == 1)
+
+
+def test_both_writers_keep_their_public_signature():
+    # write_dicom_seg and write_rtstruct are made by one factory (dicom_label_writer): the positional order, the
+    # names and the defaults of both stay the public API they were written with.
+    import inspect
+
+    order = ["labels_zyx", "volume", "path", "names", "model_name", "series", "series_description"]
+    for writer, name, description in (
+        (write_dicom_seg, "write_dicom_seg", "MedDINOv3 segmentation"),
+        (write_rtstruct, "write_rtstruct", "MedDINOv3 structures"),
+    ):
+        params = inspect.signature(writer).parameters
+        assert list(params) == order and writer.__name__ == name and writer.__doc__.startswith("Write ")
+        defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        assert defaults == {"model_name": "MedDINOv3", "series": None, "series_description": description}

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from meddinov3_hf.image_processing_meddinov3 import normalize_hu
+from meddinov3_hf.pretraining.config import ScheduleConfig, load_config
 from meddinov3_hf.pretraining.crops import MultiCropAugmentation, collate_multicrop
 from meddinov3_hf.pretraining.heads import DINOHead
 from meddinov3_hf.pretraining.masking import BlockMaskGenerator, sample_masks
@@ -181,6 +182,19 @@ def test_pretrain_schedules_from_config():
     assert s.at(10_000) == s.at(39)
     # No batch size → no scaling.
     assert PretrainSchedules.from_config({**cfg, "batch_size": None}).lr.max() == pytest.approx(1e-3)
+
+
+def test_schedule_defaults_are_the_configs():
+    # pretraining/config.py owns the defaults: a key left out of from_config takes PretrainConfig's value.
+    cfg = load_config(None, ["schedule.epochs=3", "schedule.iters_per_epoch=7", "schedule.warmup_epochs=1"])
+    settings = cfg.schedule_settings()
+    extra = {"base_lr", "min_lr", "batch_size", "total_steps"}
+    assert set(settings) == {*ScheduleConfig.__dataclass_fields__, *extra}
+    full = PretrainSchedules.from_config(settings)
+    short = PretrainSchedules.from_config({"epochs": 3, "iters_per_epoch": 7, "warmup_epochs": 1})
+    for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr"):
+        np.testing.assert_array_equal(getattr(short, name), getattr(full, name))
+    assert len(PretrainSchedules.from_config({})) == ScheduleConfig.epochs * ScheduleConfig.iters_per_epoch
 
 
 def test_lr_scaling_rule_is_dinov3s_sqrt_wrt_1024():

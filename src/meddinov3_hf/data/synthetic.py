@@ -78,6 +78,32 @@ def _check_n_organs(n_organs: int) -> None:
         raise ValueError(f"n_organs must be in [0, {len(SYNTHETIC_ORGANS)}], got {n_organs}")
 
 
+def _paint_organs(
+    img: np.ndarray,
+    labels: np.ndarray,
+    uvt: tuple[np.ndarray, np.ndarray, np.ndarray],
+    body: np.ndarray,
+    n_organs: int,
+    rng: np.random.Generator,
+) -> None:
+    """Paint the first `n_organs` organ ellipsoids (jittered by `rng`) into `img` (HU) and `labels`, in place;
+    `uvt` are the body-relative coordinates (broadcastable to the volume)."""
+    u, v, t = uvt
+    for label_id, organ in enumerate(SYNTHETIC_ORGANS[:n_organs], start=1):
+        jitter_c = rng.uniform(-0.06, 0.06, size=3)
+        jitter_s = rng.uniform(0.85, 1.15, size=3)
+        cu, cv, ct = (c + j for c, j in zip(organ.centre_uvt, jitter_c))
+        su, sv, st = (s * j for s, j in zip(organ.semi_axes_uvt, jitter_s))
+        centres_u = (cu, -cu) if organ.mirrored_pair else (cu,)
+        for cu_i in centres_u:
+            d2 = ((u - cu_i) / su) ** 2 + ((v - cv) / sv) ** 2 + ((t - ct) / st) ** 2
+            mask = (d2 <= 1.0) & body
+            img[mask] = organ.hu
+            if organ.cortex_hu is not None:
+                img[mask & (d2 >= 0.55)] = organ.cortex_hu
+            labels[mask] = label_id
+
+
 def make_synthetic_ct(
     shape: Sequence[int] = (32, 64, 64),
     spacing: Sequence[float] = (2.5, 0.8, 0.8),
@@ -129,19 +155,7 @@ def make_synthetic_ct(
     img[body] = FAT_HU
     img[r2 <= (0.88 * rng.uniform(0.97, 1.03)) ** 2] = SOFT_TISSUE_HU  # subcutaneous fat ring outside
 
-    for label_id, organ in enumerate(SYNTHETIC_ORGANS[:n_organs], start=1):
-        jitter_c = rng.uniform(-0.06, 0.06, size=3)
-        jitter_s = rng.uniform(0.85, 1.15, size=3)
-        cu, cv, ct = (c + j for c, j in zip(organ.centre_uvt, jitter_c))
-        su, sv, st = (s * j for s, j in zip(organ.semi_axes_uvt, jitter_s))
-        centres_u = (cu, -cu) if organ.mirrored_pair else (cu,)
-        for cu_i in centres_u:
-            d2 = ((u - cu_i) / su) ** 2 + ((v - cv) / sv) ** 2 + ((t - ct) / st) ** 2
-            mask = (d2 <= 1.0) & body
-            img[mask] = organ.hu
-            if organ.cortex_hu is not None:
-                img[mask & (d2 >= 0.55)] = organ.cortex_hu
-            labels[mask] = label_id
+    _paint_organs(img, labels, (u, v, t), body, n_organs, rng)
 
     # Spine: a bone cylinder (unlabelled, i.e. background) posterior in the midline, with a darker core.
     su_spine, sv_spine = 0.11 * rng.uniform(0.9, 1.1), 0.14 * rng.uniform(0.9, 1.1)

@@ -435,29 +435,36 @@ def run_finetune(argv: list[str] | None = None) -> int:
         trainer.save_state()
     results = final_validation(trainer, args, output_dir)
     trainer.log({f"final_volume_{k}": v for k, v in results["mean"].get("mean", {}).items()})
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    repo_id = training_args.hub_model_id or output_dir.name
     if trainer.args.should_save:
-        if args.validation_only:
-            trainer.save_model(str(output_dir))
-        write_output_card(
-            output_dir,
-            model,
-            trainer.processing_class,
-            data,
-            args,
-            results,
-            model_id=repo_id if push else None,
-        )
-        if push:
-            from .hub import push_finetuned_model
-
-            push_finetuned_model(
-                output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
-            )
-        if args.push_dataset_to_hub:
-            from .hub import push_slice_dataset
-
-            push_slice_dataset(data.slices, args.push_dataset_to_hub, token=training_args.hub_token)
+        _save_card_and_push(trainer, data, args, training_args, results, push)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def _save_card_and_push(
+    trainer: MedDINOv3Trainer,
+    data: FinetuneData,
+    args: FinetuneArguments,
+    training_args: FinetuneTrainingArguments,
+    results: dict[str, Any],
+    push: bool,
+) -> None:
+    """On the saving process: the model (validation-only runs), its model card, and the Hub pushes asked for."""
+    output_dir = Path(training_args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    repo_id = training_args.hub_model_id or output_dir.name
+    if args.validation_only:
+        trainer.save_model(str(output_dir))
+    write_output_card(
+        output_dir, model, trainer.processing_class, data, args, results, model_id=repo_id if push else None
+    )
+    if push:
+        from .hub import push_finetuned_model
+
+        push_finetuned_model(
+            output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
+        )
+    if args.push_dataset_to_hub:
+        from .hub import push_slice_dataset
+
+        push_slice_dataset(data.slices, args.push_dataset_to_hub, token=training_args.hub_token)

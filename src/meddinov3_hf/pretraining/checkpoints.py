@@ -1,5 +1,9 @@
-"""Loading what a pretraining run starts from, without ever unpickling code.
+"""Checkpoints of a pretraining run: writing them, and loading what a run starts from without ever unpickling
+code.
 
+- `save_checkpoint`: `accelerator.save_state` of the student, the optimiser and the registered objects
+  (`TrainState`, the teachers; with FSDP2 as `FullStateDict` views, so the files are those of DDP) into a
+  temporary folder, renamed to `checkpoints/step_N` when complete, with `pretrain_state.json` beside them.
 - `load_init`: backbone config, backbone weights and DINO/iBOT head weights from any `--init` (or
   `gram.checkpoint`): a converted MedDINOv3 folder (`model.safetensors` + `pretraining_heads.safetensors`, as
   `meddinov3 convert` writes it), an export of a run (same files), a transformers DINOv3 folder, a training
@@ -8,7 +12,7 @@
 - `load_resume_state`: the files `accelerator.save_state` wrote, read back with safetensors or
   `torch.load(weights_only=True)` (accelerate's own `load_state` unpickles `custom_checkpoint_*.pkl` and the RNG
   files with `weights_only=False`). The RNG files are not read at all: every random draw of a step is seeded from
-  (seed, step, rank), see loop.py.
+  (seed, step, rank), see stream.py and loop.py.
 
 Every torch file is read with `weights_only=True` explicitly, which `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` cannot
 override; a file that needs more (a pickled payload) is refused with its name.
@@ -18,9 +22,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +36,21 @@ from safetensors.torch import load_file
 
 from meddinov3_hf.configuration_meddinov3 import MedDINOv3Config
 
+from .config import PretrainConfig, config_to_dict
+
 __all__ = [
     "HEADS_FILE",
     "STATE_FILE",
     "CheckpointLoadError",
+    "FullStateDict",
+    "TrainState",
     "head_sizes",
     "latest_checkpoint",
     "load_init",
     "load_resume_state",
+    "resume_folder",
     "safe_torch_load",
+    "save_checkpoint",
 ]
 
 STATE_FILE = "pretrain_state.json"
@@ -162,6 +175,95 @@ def load_init(path: str | Path) -> tuple[MedDINOv3Config, dict[str, torch.Tensor
             folder = Path(tmp) / "converted"
         model = MedDINOv3Model.from_pretrained(folder)
     return model.config, model.state_dict(), _heads_beside(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Step counter and per-process data positions; registered with accelerate for save/load_state."""
+
+    step: int = 0
+    positions: list[list[int]] | None = None  # per process: [epoch, offset], as of the last checkpoint
+    current_position: tuple[int, int] = (0, 0)  # this process's live position (not saved directly)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "positions": self.positions}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.positions = int(state["step"]), state["positions"]
+
+
+def save_checkpoint(accelerator: Any, state: TrainState, cfg: PretrainConfig, meta: Any, root: Path) -> Path:
+    """accelerator.save_state into a temporary folder, then rename to checkpoints/step_N (all processes
+    call this; the folder is complete, or absent, at every instant). Needs a filesystem shared by all nodes."""
+    from accelerate.utils import gather_object
+
+    state.positions = gather_object([list(state.current_position)])
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f".tmp_step_{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {
+            "step": state.step,
+            "positions": state.positions,
+            "world_size": accelerator.num_processes,
+            "teacher_index": 1,  # order of register_for_checkpointing in train()
+            "backbone_config": meta.teacher.backbone.config.to_dict(),
+            "config": config_to_dict(cfg),
+        }
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(info, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        kept = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+        for old in kept[: max(len(kept) - max(cfg.train.keep_checkpoints, 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class FullStateDict:
+    """Checkpointing view of an FSDP2-sharded module for `register_for_checkpointing`: every process takes part
+    in gathering the full state dict (the main process writes it, as with DDP); loading scatters it back."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def resume_folder(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint a run continues from (`resume`: "latest" or a folder), or None for a fresh run; a fresh
+    run into a folder that already holds checkpoints is refused."""
+    if resume:
+        folder = latest_checkpoint(root) if resume == "latest" else Path(resume)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+        return folder
+    if latest_checkpoint(root) is not None:
+        raise FileExistsError(f"{root} has checkpoints: pass --resume to continue, or another --output_dir")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
+    """`model:` the student backbone's training settings."""
+
     drop_path_rate: float = 0.3  # student only; the teacher runs in eval mode (no drop path)
     # DINOv3 RoPE coordinate rescale augmentation (student, training only; needs rope_precision fp32).
     # Off by default: MedDINOv3 continues from weights that did not see it in the CT stages (uncertain).
@@ -39,8 +41,9 @@ class ModelConfig:
 
 @dataclass
 class HeadsConfig:
-    # Separate DINO and iBOT heads, each with its own sizes (dinov3/configs/ssl_default_config.yaml `dino.head_*`
-    # and `ibot.head_*`, `ibot.separate_head: true`).
+    """`heads:` separate DINO and iBOT heads, each with its own sizes (dinov3/configs/ssl_default_config.yaml
+    `dino.head_*` and `ibot.head_*`, `ibot.separate_head: true`)."""
+
     out_dim: int = 65536  # DINO prototypes (dino.head_n_prototypes)
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -74,6 +77,8 @@ class HeadsConfig:
 
 @dataclass
 class CropsConfig:
+    """`crops:` the multi-crop of every slice (`crops.MultiCropAugmentation`)."""
+
     global_size: int = 224
     local_size: int = 96
     n_local: int = 8
@@ -86,29 +91,36 @@ class CropsConfig:
 
 @dataclass
 class MaskingConfig:
+    """`masking:` iBOT's masked patches (`masking.sample_masks`)."""
+
     probability: float = 0.5  # fraction of global crops that get an iBOT mask
     ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
 
 
 @dataclass
 class LossConfig:
+    """`loss:` the weights of the four losses, the Gram loss's options, and the targets' temperature and
+    Sinkhorn-Knopp iterations (`losses`)."""
+
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     # Applied to the sum over global crops, i.e. 0.1·G·mean (dinov3/train/ssl_meta_arch.py `koleo_scale`);
     # the logged "koleo" is the mean over global crops, as DINOv3 logs `koleo_loss`.
     koleo_weight: float = 0.1
     gram_weight: float = 0.0
-    student_temp: float = 0.1
-    sinkhorn_iterations: int = 3
     gram_remove_negatives: bool = False
     gram_per_image: bool = True
     # Gram teacher at a higher resolution: its patch map is resized to the student's grid bicubically without
     # antialiasing (dinov3/configs/ssl_default_config.yaml gram.global_teacher_resize_{method,antialias}).
     gram_resize_antialias: bool = False
+    student_temp: float = 0.1
+    sinkhorn_iterations: int = 3
 
 
 @dataclass
 class GramConfig:
+    """`gram:` Gram anchoring's teacher (its loss weight is `loss.gram_weight`)."""
+
     enabled: bool = False
     checkpoint: str | None = None  # export folder or training checkpoint; None: the --init weights
     refresh_every: int = 0  # >0: copy the EMA teacher into the Gram teacher every N steps
@@ -116,6 +128,8 @@ class GramConfig:
 
 @dataclass
 class OptimConfig:
+    """`optim:` AdamW, its peak learning rate and parameter groups (`schedules.param_groups`)."""
+
     base_lr: float = 1e-3
     min_lr: float = 1e-6
     # DINOv3's `sqrt_wrt_1024` rule (dinov3/configs/config.py `apply_scaling_rules_to_cfg` and
@@ -131,6 +145,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    """`schedule:` the per-step lr, weight decay, teacher momentum and temperature (`schedules`); every
+    `*_epochs` value counts epochs of `iters_per_epoch` steps (rescaled when `train.max_steps` is set)."""
+
     # "cosine": linear warm-up to the peak lr, then cosine to min_lr (stage 1, dinov3/train/cosine_lr_scheduler.py
     # `CosineScheduler`). "constant": linear warm-up from 0 to the peak lr, then constant (DINOv3's v2 schedules
     # with peak == end, dinov3/configs/train/dinov3_vit7b16_gram_anchor.yaml); min_lr is not used.
@@ -150,26 +167,30 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """`train:` data, length, precision, logging and saving of the run."""
+
     batch_size: int = 64  # per process and micro-step
     gradient_accumulation_steps: int = 1
+    num_workers: int = 8  # DataLoader workers per process (capped by the shards each process gets)
+    shuffle_buffer_size: int = 1000
+    seed: int = 0
     # Length of the run: every schedule spans max_steps (warm-ups and freezes shrink in proportion), as
     # transformers' Trainer `max_steps` does. None: schedule.epochs × schedule.iters_per_epoch.
     max_steps: int | None = None
     stop_at_step: int | None = None  # stop early at this step; the schedules keep their full length
-    seed: int = 0
     mixed_precision: str = "bf16"
-    num_workers: int = 8  # DataLoader workers per process (capped by the shards each process gets)
-    shuffle_buffer_size: int = 1000
     log_every: int = 10
+    log_with: str | None = "tensorboard"
+    project_name: str = "meddinov3_pretrain"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     export_every: int = 0  # >0: also export the teacher backbone every N steps
-    log_with: str | None = "tensorboard"
-    project_name: str = "meddinov3_pretrain"
 
 
 @dataclass
 class HealthConfig:
+    """`health:` the periodic health probe of the EMA teacher (`health.HealthProbe`)."""
+
     every: int = 500  # 0 disables
     num_slices: int = 256
     image_size: int = 224
@@ -179,6 +200,8 @@ class HealthConfig:
 
 @dataclass
 class PretrainConfig:
+    """One pretraining stage: the top-level keys of its YAML and one section per dataclass above."""
+
     stage: str = "stage1"
     dataset: str | None = None
     init: str | None = None
@@ -221,6 +244,18 @@ class PretrainConfig:
                 raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
         if self.model.pos_embed_rescale is not None and self.model.rope_precision == "bf16":
             raise ValueError("model.pos_embed_rescale is only applied with rope_precision fp32")
+
+    def schedule_settings(self, scaling_batch: int | None = None) -> dict[str, Any]:
+        """The values `PretrainSchedules.from_config` reads: the `schedule` section, `optim.base_lr`/`min_lr`,
+        `train.max_steps` as `total_steps`, and `batch_size`, the global batch the peak lr is scaled with
+        (`scaled_lr`; None: unscaled)."""
+        return {
+            **dataclasses.asdict(self.schedule),
+            "base_lr": self.optim.base_lr,
+            "min_lr": self.optim.min_lr,
+            "batch_size": scaling_batch,
+            "total_steps": self.train.max_steps,
+        }
 
 
 def _merge(obj: Any, values: dict[str, Any], where: str) -> None:

@@ -15,9 +15,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from meddinov3_hf.data.augment import _gamma_curve, _gaussian_blur, _rand, _randint, _uniform
 from meddinov3_hf.image_processing_meddinov3 import CT_CLIP_RANGE, normalize_hu
 
-__all__ = ["MultiCropAugmentation", "collate_multicrop"]
+__all__ = ["DINO_BLUR_SIGMA", "MultiCropAugmentation", "collate_multicrop"]
+
+# DINO's Gaussian blur radius range (dinov3/data/transforms.py `GaussianBlur`: radius_min 0.1, radius_max 2.0).
+DINO_BLUR_SIGMA = (0.1, 2.0)
 
 
 @dataclass
@@ -66,7 +70,7 @@ class MultiCropAugmentation:
         vflip_p: float = 0.0,
         global_blur_p: tuple[float, ...] = (1.0, 0.1),
         local_blur_p: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_sigma: tuple[float, float] = DINO_BLUR_SIGMA,
         noise_p: float = 0.2,
         noise_std_hu: tuple[float, float] = (0.0, 25.0),
         window_p: float = 0.8,
@@ -87,25 +91,17 @@ class MultiCropAugmentation:
         self.gamma_p, self.gamma_range = gamma_p, gamma_range
         self.clip_range = clip_range
 
-    # ---- random draws ------------------------------------------------------------------------------
-    @staticmethod
-    def _uniform(lo: float, hi: float, g: torch.Generator | None) -> float:
-        return lo + (hi - lo) * torch.rand((), generator=g).item()
-
-    def _coin(self, p: float, g: torch.Generator | None) -> bool:
-        return p > 0 and torch.rand((), generator=g).item() < p
-
+    # ---- random draws (data/augment.py's helpers; a coin of probability 0 draws nothing) -------------
     def _sample_box(
         self, height: int, width: int, scale: tuple[float, float], g: torch.Generator | None
     ) -> tuple[int, int, int, int]:
         """Random-resized-crop box: area fraction in `scale`, aspect ratio log-uniform in `ratio`."""
         for _ in range(10):
-            area = height * width * self._uniform(*scale, g)
-            aspect = math.exp(self._uniform(*self.log_ratio, g))
+            area = height * width * _uniform(g, *scale)
+            aspect = math.exp(_uniform(g, *self.log_ratio))
             w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (), generator=g))
-                left = int(torch.randint(0, width - w + 1, (), generator=g))
+                top, left = _randint(g, 0, height - h), _randint(g, 0, width - w)
                 return top, left, h, w
         # Fallback: the largest centred box within the allowed aspect ratios.
         lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
@@ -126,33 +122,20 @@ class MultiCropAugmentation:
         g: torch.Generator | None,
     ) -> _CropParams:
         box = self._sample_box(*hw, scale, g)
-        hflip, vflip = self._coin(self.hflip_p, g), self._coin(self.vflip_p, g)
-        blur_sigma = self._uniform(*self.blur_sigma, g) if self._coin(blur_p, g) else None
-        noise_std = self._uniform(*self.noise_std_hu, g) if self._coin(self.noise_p, g) else None
+        hflip, vflip = _coin(self.hflip_p, g), _coin(self.vflip_p, g)
+        blur_sigma = _uniform(g, *self.blur_sigma) if _coin(blur_p, g) else None
+        noise_std = _uniform(g, *self.noise_std_hu) if _coin(self.noise_p, g) else None
         level_shift, window = 0.0, self.clip_range
-        if self._coin(self.window_p, g):
+        if _coin(self.window_p, g):
             j = self.window_jitter_hu
-            level_shift = self._uniform(-self.level_shift_hu, self.level_shift_hu, g)
-            window = (
-                self.clip_range[0] + self._uniform(-j, j, g),
-                self.clip_range[1] + self._uniform(-j, j, g),
-            )
+            level_shift = _uniform(g, -self.level_shift_hu, self.level_shift_hu)
+            window = (self.clip_range[0] + _uniform(g, -j, j), self.clip_range[1] + _uniform(g, -j, j))
         gamma = None
-        if self._coin(self.gamma_p, g):
-            gamma = math.exp(self._uniform(math.log(self.gamma_range[0]), math.log(self.gamma_range[1]), g))
+        if _coin(self.gamma_p, g):
+            gamma = math.exp(_uniform(g, math.log(self.gamma_range[0]), math.log(self.gamma_range[1])))
         return _CropParams(box, hflip, vflip, blur_sigma, noise_std, level_shift, window, gamma, size)
 
     # ---- rendering ---------------------------------------------------------------------------------
-    @staticmethod
-    def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Separable Gaussian blur of `(1, 1, h, w)`, kernel radius 3σ, edge-replicated borders."""
-        radius = max(1, math.ceil(3.0 * sigma))
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-        k = torch.exp(-0.5 * (t / sigma) ** 2)
-        k = k / k.sum()
-        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-
     def _render(
         self, image: torch.Tensor, p: _CropParams, size: int, g: torch.Generator | None
     ) -> torch.Tensor:
@@ -164,14 +147,15 @@ class MultiCropAugmentation:
         if flip_dims:
             x = torch.flip(x, dims=flip_dims)
         if p.blur_sigma is not None:
-            x = self._gaussian_blur(x, p.blur_sigma * size / p.size)  # same blur in image space at any size
+            sigma = p.blur_sigma * size / p.size  # the same blur in image space at any size
+            x = _gaussian_blur(x[0, 0], sigma, sigma)[None, None]
         if p.noise_std is not None:
             x = x + p.noise_std * torch.randn(x.shape, generator=g)
         x = x + p.level_shift
         lo, hi = p.window
         x = x.clamp(lo, hi)
         if p.gamma is not None:
-            x = lo + (hi - lo) * ((x - lo) / (hi - lo)).clamp(0.0, 1.0) ** p.gamma
+            x = lo + (hi - lo) * _gamma_curve(x, lo, hi, p.gamma)
         return normalize_hu(x, clip_range=(lo, hi))[0]
 
     def __call__(
@@ -228,3 +212,7 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
+
+
+def _coin(p: float, g: torch.Generator | None) -> bool:
+    return p > 0 and _rand(g) < p

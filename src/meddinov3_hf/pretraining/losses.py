@@ -88,7 +88,21 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     return torch.exp(log_q)
 
 
-class DINOLoss(nn.Module):
+class _PrototypeCrossEntropy(nn.Module):
+    """Base of the DINO and iBOT losses: student scores over `out_dim` prototypes, sharpened by `student_temp`,
+    against the teacher's target probabilities."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """fp32 log-softmax of `logits / student_temp` over the prototypes (last dim)."""
+        return F.log_softmax(logits.float() / self.student_temp, dim=-1)
+
+
+class DINOLoss(_PrototypeCrossEntropy):
     """Cross-entropy between student crops and Sinkhorn'ed teacher global crops on CLS tokens.
 
     forward(student_logits, teacher_targets):
@@ -99,11 +113,6 @@ class DINOLoss(nn.Module):
     "global" over the G(G−1) (global, other global) pairs, and "loss" their weighted sum with weights
     G·L / P and G(G−1) / P, P = G(G−1) + G·L, i.e. the mean over all valid crop pairs.
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.student_temp = student_temp
 
     @_fp32
     def forward(
@@ -116,7 +125,7 @@ class DINOLoss(nn.Module):
         if n_l < 0:
             raise ValueError("student_logits must hold at least the G global crops")
 
-        log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (G+L, B, K)
+        log_p = self.log_probs(student_logits)  # (G+L, B, K)
         targets = teacher_targets.float()
         # ce[s, t] = mean over images of −Σ_k P_t log p_s: every student crop vs every teacher crop.
         ce = -torch.einsum("tbk,sbk->st", targets, log_p) / batch  # (G+L, G)
@@ -136,7 +145,7 @@ class DINOLoss(nn.Module):
         return {"loss": loss, "local": local, "global": global_}
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(_PrototypeCrossEntropy):
     """Cross-entropy on masked patch tokens with per-image normalisation.
 
     forward(student_patch_logits (n_masked, K), teacher_targets (n_masked, K), masks (G·B, N) bool) → scalar.
@@ -145,17 +154,12 @@ class iBOTPatchLoss(nn.Module):
     zero and an image with 1 masked patch weighs as much as an image with 10.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-
     @_fp32
     def forward(
         self, student_patch_logits: torch.Tensor, teacher_targets: torch.Tensor, masks: torch.Tensor
     ) -> torch.Tensor:
         masks = masks.bool()
-        log_p = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
+        log_p = self.log_probs(student_patch_logits)
         ce = -(teacher_targets.float() * log_p).sum(dim=-1)  # (n_masked,)
         per_image = 1.0 / masks.sum(dim=-1, keepdim=True).clamp_min(1).float()  # (G·B, 1)
         weights = per_image.expand_as(masks)[masks]  # (n_masked,)

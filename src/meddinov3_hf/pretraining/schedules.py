@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import OptimConfig, PretrainConfig
+
 __all__ = [
     "PretrainSchedules",
     "cosine_schedule",
@@ -68,7 +70,8 @@ class PretrainSchedules:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PretrainSchedules:
-        """Build from plain config values (defaults = docs/method.md §5 stage 1).
+        """Build from plain config values; a key left out takes `PretrainConfig`'s default (the stage-1 recipe,
+        docs/method.md §5; `PretrainConfig.schedule_settings` gives every key of a config).
 
         Keys: epochs, iters_per_epoch, base_lr, min_lr, warmup_epochs, wd, wd_end, momentum_teacher,
         final_momentum_teacher, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs,
@@ -79,24 +82,7 @@ class PretrainSchedules:
         iters_per_epoch), as transformers' Trainer `max_steps` sets the schedule length). Epoch counts may be
         fractional.
         """
-        c = {
-            "lr_schedule": "cosine",
-            "total_steps": None,
-            "base_lr": 1e-3,
-            "min_lr": 1e-6,
-            "warmup_epochs": 10,
-            "wd": 0.04,
-            "wd_end": 0.4,
-            "momentum_teacher": 0.992,
-            "final_momentum_teacher": 1.0,
-            "teacher_temp": 0.07,
-            "warmup_teacher_temp": 0.04,
-            "warmup_teacher_temp_epochs": 30,
-            "freeze_last_layer_epochs": 1,
-            "iters_per_epoch": 1250,
-            "batch_size": None,
-            **cfg,
-        }
+        c = {**PretrainConfig().schedule_settings(), **cfg}
         ipe = float(c["iters_per_epoch"])
         if c["total_steps"] is not None:
             ipe = int(c["total_steps"]) / float(c["epochs"])  # all schedules compressed/stretched to span it
@@ -153,8 +139,8 @@ def _segment_in(name: str, key: str) -> bool:
 
 def param_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-    layer_decay: float = 0.9,
-    patch_embed_lr_mult: float = 0.2,
+    layer_decay: float = OptimConfig.layer_decay,
+    patch_embed_lr_mult: float = OptimConfig.patch_embed_lr_mult,
     num_layers: int = 12,
     head_prefixes: tuple[str, ...] = ("dino_head.", "ibot_head."),
 ) -> list[dict[str, Any]]:

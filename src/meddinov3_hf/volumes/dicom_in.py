@@ -164,6 +164,25 @@ def _safe(name: str, fallback: str) -> str:
     return cleaned or fallback
 
 
+def _report_skipped(entries: list[SeriesEntry], other: list[tuple[Path, str]], report: Any) -> None:
+    """Tell `report` about the series that are not segmented, NIfTI files in the tree and other files."""
+    for entry in entries:
+        if entry.reason is not None:
+            report(
+                f"not segmented: {entry.folder} series {entry.uid or '<no UID>'} "
+                f"({len(entry.files)} file(s)): {entry.reason}"
+            )
+    nifti = [p for p, kind in other if kind == "NIfTI"]
+    if nifti:
+        shown = ", ".join(str(p) for p in nifti[:3]) + (", ..." if len(nifti) > 3 else "")
+        report(
+            f"not segmented: {len(nifti)} NIfTI file(s) in the DICOM folder tree ({shown}); only DICOM series "
+            "are read from a tree, segment NIfTI files from a folder of NIfTI files"
+        )
+    if len(other) > len(nifti):
+        report(f"ignored: {len(other) - len(nifti)} file(s) that are not DICOM")
+
+
 def plan_series_jobs(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -199,21 +218,7 @@ def plan_series_jobs(
     if not nested and len(segmentable) <= 1:
         return None  # one series in the folder itself: the single-series path (with its own checks)
     if report is not None:
-        for entry in entries:
-            if entry.reason is not None:
-                report(
-                    f"not segmented: {entry.folder} series {entry.uid or '<no UID>'} "
-                    f"({len(entry.files)} file(s)): {entry.reason}"
-                )
-        nifti = [p for p, kind in other if kind == "NIfTI"]
-        if nifti:
-            shown = ", ".join(str(p) for p in nifti[:3]) + (", ..." if len(nifti) > 3 else "")
-            report(
-                f"not segmented: {len(nifti)} NIfTI file(s) in the DICOM folder tree ({shown}); only DICOM series "
-                "are read from a tree, segment NIfTI files from a folder of NIfTI files"
-            )
-        if len(other) > len(nifti):
-            report(f"ignored: {len(other) - len(nifti)} file(s) that are not DICOM")
+        _report_skipped(entries, other, report)
     if not segmentable:
         raise ValueError(f"{root}: no CT image series in the folder tree ({len(entries)} other DICOM series)")
     out = Path(output)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,10 @@ from .labels import check_label_values
 
 __all__ = [
     "DicomGeometryError",
+    "DicomLabels",
     "SourceSeries",
     "anatomy_code",
+    "dicom_label_writer",
     "read_source_series",
     "write_dicom_seg",
 ]
@@ -314,15 +316,57 @@ def _structures(names: Mapping[int, str]) -> list[tuple[int, str]]:
     return [(int(k), str(v)) for k, v in sorted(names.items()) if int(k) != 0]
 
 
-def write_dicom_seg(
-    labels_zyx: np.ndarray,
-    volume: CTVolume,
-    path: str | os.PathLike[str],
-    names: Mapping[int, str],
-    model_name: str = "MedDINOv3",
-    series: SourceSeries | None = None,
-    series_description: str = "MedDINOv3 segmentation",
-) -> Path:
+@dataclass(frozen=True)
+class DicomLabels:
+    """A label map checked against its volume and names, on the DICOM series it is written for."""
+
+    path: Path  # the output file
+    stored: np.ndarray  # labels in the series' stored voxel order (columns, rows, slices)
+    series: SourceSeries
+    structures: list[tuple[int, str]]  # (label, name) in label order, background excluded
+    model_name: str
+    series_description: str
+    source: str  # the volume's source, for messages
+
+
+def dicom_label_writer(
+    name: str, series_description: str, build: Callable[[DicomLabels], Any], enforce_file_format: bool = False
+) -> Callable[..., Path]:
+    """The public writer `name` of one DICOM label output, with the signature every such writer shares:
+
+        name(labels_zyx, volume, path, names, model_name="MedDINOv3", series=None,
+             series_description=series_description) -> Path
+
+    It checks the canonical ``(Z, Y, X)`` label map against ``volume`` and ``names``, reads the source series
+    (:func:`read_source_series`) unless ``series`` is given, has ``build`` make the DICOM dataset of the
+    resulting :class:`DicomLabels`, and saves it to ``path`` atomically. Its docstring is ``build``'s."""
+
+    def write(
+        labels_zyx: np.ndarray,
+        volume: CTVolume,
+        path: str | os.PathLike[str],
+        names: Mapping[int, str],
+        model_name: str = "MedDINOv3",
+        series: SourceSeries | None = None,
+        series_description: str = series_description,
+    ) -> Path:
+        _import_dicom()
+        series = series or read_source_series(volume)
+        stored = _stored_labels(labels_zyx, volume, names)
+        labels = DicomLabels(
+            Path(path), stored, series, _structures(names), model_name, series_description, str(volume.source)
+        )
+        dataset = build(labels)
+        with atomic_path(labels.path) as tmp:
+            dataset.save_as(tmp, enforce_file_format=enforce_file_format)
+        return labels.path
+
+    write.__name__ = write.__qualname__ = name
+    write.__doc__, write.__module__ = build.__doc__, build.__module__
+    return write
+
+
+def _dicom_seg(labels: DicomLabels) -> Any:
     """Write a canonical label map as a binary DICOM-SEG on the source series' own slices (atomically).
 
     Args:
@@ -332,19 +376,18 @@ def write_dicom_seg(
         names: ``{id: name}`` of the structures; one segment each (background 0 omitted), in id order.
         model_name: recorded as the algorithm name (with the package version as its version).
         series: the source slices (default: :func:`read_source_series`).
+        series_description: the SEG series' description.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    series = series or read_source_series(volume)
-    stored = _stored_labels(labels_zyx, volume, names)
-    structures = _structures(names)
+    series, structures, model_name = labels.series, labels.structures, labels.model_name
     if not structures:
-        raise ValueError(f"{path}: no structures to write (the label set holds only background)")
-    lookup = np.zeros(max(int(stored.max()), max(k for k, _ in structures)) + 1, dtype=np.uint16)
+        raise ValueError(f"{labels.path}: no structures to write (the label set holds only background)")
+    lookup = np.zeros(max(int(labels.stored.max()), max(k for k, _ in structures)) + 1, dtype=np.uint16)
     for number, (label, _) in enumerate(structures, start=1):
         lookup[label] = number
-    frames = lookup[stored].transpose(2, 1, 0)  # (slices, rows, columns), segment numbers
+    frames = lookup[labels.stored].transpose(2, 1, 0)  # (slices, rows, columns), segment numbers
     dtype = np.uint8 if len(structures) < 256 else np.uint16
     version = _package_version()
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -366,13 +409,11 @@ def write_dicom_seg(
                 tracking_id=name[:64],
             )
         )
-    multi = any(frame is not None for _, frame in series.frames)
-    if multi:  # one multi-frame source: the SEG frames follow the source's frame order
+    if any(frame is not None for _, frame in series.frames):  # one multi-frame source: its frame order
         if len(series.datasets) != 1:
-            raise DicomGeometryError(f"{volume.source}: slices spread over several multi-frame images")
-        order = np.argsort([frame for _, frame in series.frames])
-        frames = frames[order]
-    seg = hd.seg.Segmentation(
+            raise DicomGeometryError(f"{labels.source}: slices spread over several multi-frame images")
+        frames = frames[np.argsort([frame for _, frame in series.frames])]
+    return hd.seg.Segmentation(
         source_images=series.datasets,
         pixel_array=frames.astype(dtype),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -385,15 +426,14 @@ def write_dicom_seg(
         manufacturer_model_name=model_name[:64],
         software_versions=version[:64],
         device_serial_number="0",
-        series_description=series_description[:64],
+        series_description=labels.series_description[:64],
         content_label="SEGMENTATION",
         content_description=f"{model_name} labels"[:64],
         omit_empty_frames=True,
     )
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        seg.save_as(tmp)
-    return out
+
+
+write_dicom_seg = dicom_label_writer("write_dicom_seg", "MedDINOv3 segmentation", _dicom_seg)
 
 
 # --------------------------------------------------------------------------------------------------------

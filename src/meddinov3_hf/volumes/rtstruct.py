@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..files import atomic_path
 from .dicom_out import (
+    DicomLabels,
     SourceSeries,
     _import_dicom,
     _package_version,
-    _stored_labels,
-    _structures,
     anatomy_code,
-    read_source_series,
+    dicom_label_writer,
 )
-from .io import CTVolume
 
 __all__ = ["label_contours", "write_rtstruct"]
 
@@ -95,35 +90,26 @@ def label_contours(mask: np.ndarray) -> list[np.ndarray]:
     return loops
 
 
-def write_rtstruct(
-    labels_zyx: np.ndarray,
-    volume: CTVolume,
-    path: str | os.PathLike[str],
-    names: Mapping[int, str],
-    model_name: str = "MedDINOv3",
-    series: SourceSeries | None = None,
-    series_description: str = "MedDINOv3 structures",
-) -> Path:
+def _rtstruct(labels: DicomLabels) -> Any:
     """Write a canonical label map as an RTSTRUCT referencing the source series (atomically).
 
     One ROI per named structure (background excluded; structures absent from the map get an ROI without
-    contours); contours are the exact pixel outlines on each source slice (see :func:`label_contours`)."""
-    _import_dicom()
+    contours); contours are the exact pixel outlines on each source slice (see :func:`label_contours`). The
+    arguments are :func:`~meddinov3_hf.volumes.dicom_out.write_dicom_seg`'s."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
-    series = series or read_source_series(volume)
-    stored = _stored_labels(labels_zyx, volume, names)
-    ds = _rtstruct_dataset(path, series, model_name, series_description)
+    series, model_name = labels.series, labels.model_name
+    ds = _rtstruct_dataset(labels.path, series, model_name, labels.series_description)
     frame_of_reference = series.first.FrameOfReferenceUID
     rois, contours, observations = [], [], []
-    for number, (label, name) in enumerate(_structures(names), start=1):
+    for number, (label, name) in enumerate(labels.structures, start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame_of_reference
         roi.ROIName, roi.ROIGenerationAlgorithm = name[:64], "AUTOMATIC"
         roi.ROIGenerationDescription = f"{model_name}"[:64]
         rois.append(roi)
-        items = _contours(stored, label, series)
+        items = _contours(labels.stored, label, series)
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
         r, g, b = _colour(label)
@@ -136,10 +122,12 @@ def write_rtstruct(
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    return out
+    return ds
+
+
+write_rtstruct = dicom_label_writer(
+    "write_rtstruct", "MedDINOv3 structures", _rtstruct, enforce_file_format=True
+)
 
 
 def _rtstruct_dataset(
