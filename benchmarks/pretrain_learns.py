@@ -12,6 +12,8 @@
 3. Measures the frozen teacher backbone at init and after training on the held-out volumes:
    - two-view retrieval top-1 of CLS features (the training loop's health metric) over one slice from each of 64
      further held-out volumes, and the effective rank / mean pairwise cosine of CLS features;
+   - the same retrieval over slices that differ in content (one slice per level), and whether a slice's nearest
+     CLS in other volumes lies within one level of it (does the CLS encode anatomy?);
    - a linear probe of organ labels on patch features, fitted on some held-out volumes and scored as mean Dice
      (foreground organs, 3D) on another held-out volume.
 
@@ -40,6 +42,7 @@ from meddinov3_hf import MedDINOv3Model  # noqa: E402
 from meddinov3_hf.data.synthetic import make_synthetic_ct, synthetic_label_map  # noqa: E402
 from meddinov3_hf.image_processing_meddinov3 import normalize_hu  # noqa: E402
 from meddinov3_hf.pretraining.config import load_config  # noqa: E402
+from meddinov3_hf.pretraining.crops import MultiCropAugmentation  # noqa: E402
 from meddinov3_hf.pretraining.health import HealthProbe, feature_statistics  # noqa: E402
 from meddinov3_hf.pretraining.loop import build_backbone, train  # noqa: E402
 
@@ -227,6 +230,61 @@ def retrieval_slices(p: dict, n: int = 64) -> list[torch.Tensor]:
     return out
 
 
+def augmented_views(slices: list[torch.Tensor], p: dict, draws: int, seed: int = 1234) -> torch.Tensor:
+    """`draws` pairs of training-style global crops of every HU slice: (draws, 2, N, 1, s, s)."""
+    aug = MultiCropAugmentation(global_size=p["global_size"], n_local=0)
+    out = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(seed + d)
+        out.append(torch.stack([aug(s, generator=g)["global"] for s in slices], 1))
+    return torch.stack(out)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of rows after removing the features' common mean (the CLS of a fresh ViT is
+    dominated by one shared direction)."""
+    mean = torch.cat([a, b]).mean(0)
+    return F.normalize(a - mean, dim=-1) @ F.normalize(b - mean, dim=-1).t()
+
+
+def level_retrieval(backbone: MedDINOv3Model, p: dict, draws: int = 6) -> float:
+    """Two-view retrieval top-1 over slices that differ in content: slice z of volume z (n levels from n further
+    held-out volumes, n = the preset's slice count), averaged over `draws` view pairs. The health probe's
+    gallery (one slice from the middle half of each of 64 volumes) holds several near-identical phantoms at
+    the same level, which no feature can tell apart after a crop."""
+    n = p["shape"][0]
+    slices = [
+        torch.as_tensor(
+            make_synthetic_ct(shape=p["shape"], spacing=(2.5, 0.8, 0.8), seed=11000 + z)[0][z]
+        ).float()
+        for z in range(n)
+    ]
+    hits = []
+    for v1, v2 in augmented_views(slices, p, draws):
+        sim = _cosine(encode(backbone, v1)[0], encode(backbone, v2)[0])
+        hits.append((sim.argmax(1) == torch.arange(n)).float().mean())
+    return float(torch.stack(hits).mean())
+
+
+def level_neighbour(backbone: MedDINOv3Model, p: dict, n_volumes: int = 8) -> float:
+    """Does the CLS encode the anatomical level? Every slice of `n_volumes` held-out volumes, one augmented
+    global crop each; share of slices whose nearest CLS among the *other* volumes' slices lies within one
+    level (chance about 3 / slices per volume)."""
+    vols = [
+        make_synthetic_ct(shape=p["shape"], spacing=(2.5, 0.8, 0.8), seed=12000 + i)[0]
+        for i in range(n_volumes)
+    ]
+    slices = [torch.as_tensor(hu[z]).float() for hu in vols for z in range(len(hu))]
+    views = augmented_views(slices, p, draws=1)[0, 0]
+    cls = encode(backbone, views)[0]
+    n_z = p["shape"][0]
+    level = torch.arange(n_z).repeat(n_volumes)
+    volume = torch.arange(n_volumes).repeat_interleave(n_z)
+    sim = _cosine(cls, cls)
+    sim[volume[:, None] == volume[None, :]] = -torch.inf
+    return float(((level[sim.argmax(1)] - level).abs() <= 1).float().mean())
+
+
 def evaluate(backbone: MedDINOv3Model, held_out, retrieval, p: dict, n_classes: int) -> dict[str, float]:
     probe_vols, test_vols = held_out[: p["n_probe"]], held_out[p["n_probe"] :]
     health = HealthProbe(retrieval, image_size=p["global_size"]).evaluate(backbone)
@@ -238,6 +296,8 @@ def evaluate(backbone: MedDINOv3Model, held_out, retrieval, p: dict, n_classes: 
         "chance_top1": health["chance_top1"],
         "effective_rank": stats["effective_rank"],
         "cls_mean_cosine": stats["mean_cosine"],
+        "level_retrieval_top1": level_retrieval(backbone, p),
+        "level_neighbour": level_neighbour(backbone, p),
         "organ_dice": organ_probe(backbone, probe_vols, test_vols, n_classes),
     }
 
@@ -248,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--steps", type=int, help="override the preset's number of training steps")
+    parser.add_argument("--threads", type=int, help="override the preset's torch threads (main process)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
@@ -257,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"] = args.steps
+    if args.threads:
+        p["threads"] = args.threads
     torch.set_num_threads(p["threads"])
     n_classes = len(synthetic_label_map())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -287,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         ("retrieval top-1 (two views)", "retrieval_top1"),
         ("effective rank (CLS)", "effective_rank"),
         ("mean CLS cosine", "cls_mean_cosine"),
+        (f"retrieval top-1, one slice per level (chance {1 / p['shape'][0]:.3f})", "level_retrieval_top1"),
+        ("CLS nearest neighbour within one level", "level_neighbour"),
         ("organ probe mean Dice", "organ_dice"),
     ]
     print(
